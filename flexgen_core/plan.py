@@ -177,9 +177,12 @@ class Plan:
         return kv_bytes(self.spec, seqs, self.workload.cache_len, self.dtype_bytes, self.policy.compress_cache)
 
     @property
-    def streamed_cache_seqs(self) -> int:
-        """Sequences per GPU batch whose cache is moved to the compute device for decode attention."""
-        return 0 if self.policy.cpu_attention else self.cache_split.cpu + self.cache_split.disk
+    def cache_slot_bytes(self) -> int:
+        """One device slot for the K (or V) prefix of the CPU and disk segments (0 with CPU attention)."""
+        if self.policy.cpu_attention:
+            return 0
+        cs = self.cache_split
+        return align(self.kv_segment_bytes(cs.cpu), ALIGN) + align(self.kv_segment_bytes(cs.disk), ALIGN)
 
     def bytes_per_tier(self) -> dict[Tier, int]:
         return {tier: sum(items.values()) for tier, items in self.usage.items()}
@@ -372,8 +375,7 @@ def _plan_cache_and_acts(plan: Plan, workload: Workload, gpu: dict[str, int], cp
     gpu["cache.home"] = homes * align(seg(cs.gpu), ALIGN)
     cpu["cache.home"] = homes * align(seg(cs.cpu), ALIGN)
     disk["cache.home"] = homes * align(seg(cs.disk), ALIGN)
-    streamed = plan.streamed_cache_seqs
-    gpu["cache.slots"] = 2 * 2 * align(seg(streamed), ALIGN)  # (current, prefetch) x (K, V)
+    gpu["cache.slots"] = 2 * 2 * plan.cache_slot_bytes  # (current, prefetch) x (K, V)
     if policy.compress_cache:
         gpu["cache.dequant"] = 2 * kv_bytes(spec, gbs, T, db, False)
     if cs.disk:  # host staging (or CPU-attention workspace) for disk segments, per in-flight batch

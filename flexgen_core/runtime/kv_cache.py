@@ -1,0 +1,355 @@
+"""The KV cache of one block: homes per (transformer block, GPU batch), split by sequences across tiers.
+
+Each home holds K (or V) sequence-major, (T, rows, nh, d), so the valid prefix [:t] is one contiguous
+range and appending position t is one contiguous write; packed (4-bit, grouped along d) it is codes
+(T, rows, nh, G, g/2) followed by fp16 [step, min] pairs (T, rows, nh, G, 2), sliced the same way.
+
+Decode attention runs per segment of sequences, where that segment's cache can be read:
+- GPU segment: in place on the device;
+- CPU/disk segment, not delegated: its prefix is prefetched into a device slot (two slots alternate,
+  so the next GPU batch's cache loads while this one computes) and the new token is stored back;
+- CPU/disk segment, delegated (cpu_attention): q and the new K/V go to the host and the attention core
+  runs there, over the CPU home in place or over a per-slot workspace read from disk, so in-flight GPU
+  batches never share a workspace.
+With attn_topk < 1, K is read in full, the top fraction of past positions (plus the current one) is kept
+and only those V rows are read, from wherever V lives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from flexgen_core.plan import ALIGN, CACHE_QUANT, PIECE_ALIGN, Plan, align, kv_bytes
+from flexgen_core.policy import TIERS, Tier
+from flexgen_core.quant import PackedTensor, codes_shape, dequantize_moved, quantize, scales_shape
+from flexgen_core.runtime import layers
+from flexgen_core.runtime.memory import DeviceArena, DiskArena, HostArena, OffloadDir, typed
+from flexgen_core.runtime.transfer import DONE, Ticket, Transfer
+
+CPU_CHUNK = 256  # positions per chunk when the CPU attends over a low-precision cache
+
+
+class SegmentLayout:
+    """Byte layout of one K (or V) home of `rows` sequences and `capacity` positions."""
+
+    def __init__(self, rows: int, capacity: int, heads: int, head_dim: int, dtype: torch.dtype, packed: bool):
+        self.rows, self.capacity, self.packed, self.dtype = rows, capacity, packed, dtype
+        self.shape = (capacity, rows, heads, head_dim)
+        if packed:
+            self.codes_shape = codes_shape(self.shape, -1, CACHE_QUANT)
+            self.scales_shape = scales_shape(self.shape, -1, CACHE_QUANT)
+            self.code_pos = math.prod(self.codes_shape[1:])
+            self.scale_pos = math.prod(self.scales_shape[1:]) * 2
+            self.scale_base = align(capacity * self.code_pos, PIECE_ALIGN)
+        else:
+            self.pos_bytes = rows * heads * head_dim * dtype.itemsize
+
+    def regions(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(byte offset, nbytes) ranges holding positions [start, stop)."""
+        if not self.packed:
+            return [(start * self.pos_bytes, (stop - start) * self.pos_bytes)]
+        return [(start * self.code_pos, (stop - start) * self.code_pos),
+                (self.scale_base + start * self.scale_pos, (stop - start) * self.scale_pos)]
+
+    def view(self, raw: torch.Tensor, length: int) -> torch.Tensor | PackedTensor:
+        """Positions [:length] of a buffer with this layout (dense tensor or packed view)."""
+        if not self.packed:
+            return typed(raw, self.dtype, self.shape)[:length]
+        codes = typed(raw, torch.uint8, self.codes_shape)[:length]
+        scales = typed(raw[self.scale_base:], torch.float16, self.scales_shape)[:length]
+        return PackedTensor(codes, scales, (length, *self.shape[1:]), 3, CACHE_QUANT, self.dtype)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Bytes to store for positions x: (n, rows, nh, d), one tensor per region of `regions`."""
+        if not self.packed:
+            return [x.contiguous().view(torch.uint8).reshape(-1)]
+        p = quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
+        return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
+
+
+def _dense(x: torch.Tensor | PackedTensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_moved(x, dtype) if isinstance(x, PackedTensor) else x
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def _disk_rows(path: object, offset: int, dtype: torch.dtype, shape: tuple[int, ...], idx: torch.Tensor
+               ) -> torch.Tensor:
+    """Gather rows [idx, b, h] of a (t, b, nh, ...) array stored at `offset` of a file, reading only those."""
+    mm = np.memmap(path, dtype=_UINT[dtype.itemsize], mode="r", offset=offset, shape=shape)
+    b, nh, _ = idx.shape
+    picked = mm[idx.numpy(), np.arange(b)[:, None, None], np.arange(nh)[None, :, None]]
+    return torch.from_numpy(np.ascontiguousarray(picked)).view(dtype)
+
+
+class KVCache:
+    """K/V homes of every (transformer block, GPU batch) for one block of sequences (see module doc)."""
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype, transfer: Transfer,
+                 offload: OffloadDir) -> None:
+        assert plan.workload is not None
+        self.plan, self.device, self.dtype, self.transfer = plan, device, dtype, transfer
+        self.spec, self.policy = plan.spec, plan.policy
+        self.capacity = plan.workload.cache_len
+        cuda = device.type == "cuda"
+        split = plan.cache_split
+        self.seg_bytes = {tier: align(plan.kv_segment_bytes(split.count(tier)), ALIGN) for tier in TIERS}
+        n_homes = 2 * self.spec.num_layers * self.policy.num_gpu_batches
+        self.homes: dict[Tier, DeviceArena | HostArena | DiskArena | None] = {
+            Tier.GPU: DeviceArena(n_homes * self.seg_bytes[Tier.GPU], device, "cache.gpu") if split.gpu else None,
+            Tier.CPU: HostArena(n_homes * self.seg_bytes[Tier.CPU], pin=cuda, name="cache.cpu") if split.cpu else None,
+            Tier.DISK: DiskArena(offload, "cache", n_homes * self.seg_bytes[Tier.DISK]) if split.disk else None,
+        }
+        self.slots = ([[DeviceArena(plan.cache_slot_bytes, device, "cache.slot") for _ in range(2)] for _ in range(2)]
+                      if plan.cache_slot_bytes else [])
+        self.staging = ([[HostArena(self.seg_bytes[Tier.DISK], pin=cuda, name="cache.staging") for _ in range(2)]
+                         for _ in range(2)] if split.disk else [])
+        half = kv_bytes(self.spec, self.policy.gpu_batch_size, self.capacity, dtype.itemsize, False)
+        self.dequant = DeviceArena(2 * half, device, "cache.dequant") if self.policy.compress_cache else None
+        self._slot_free: list[Ticket] = [DONE, DONE]
+        self._staging_free: list[Ticket] = [DONE, DONE]
+        self._stored: dict[tuple[int, int], list[Ticket]] = {}
+        self._prefetched: dict[tuple[int, int], tuple[int, Ticket, list[Ticket]]] = {}
+        self._next_slot = 0
+        self.rows: list[int] = []
+
+    # ---- block lifecycle ------------------------------------------------------------------------
+    def begin_block(self, batch_rows: list[int]) -> None:
+        self.finish_block()
+        self.rows = list(batch_rows)
+
+    def segments(self, batch: int) -> list[tuple[Tier, int, int]]:
+        return self.plan.cache_split.segments(self.rows[batch])
+
+    def _layout(self, rows: int) -> SegmentLayout:
+        return SegmentLayout(rows, self.capacity, self.spec.num_heads, self.spec.head_dim, self.dtype,
+                             self.policy.compress_cache)
+
+    def _delegated(self, tier: Tier) -> bool:
+        return tier != Tier.GPU and self.policy.cpu_attention
+
+    def _home_offset(self, tier: Tier, block: int, batch: int, kv: int) -> int:
+        return ((block * self.policy.num_gpu_batches + batch) * 2 + kv) * self.seg_bytes[tier]
+
+    def _home_raw(self, tier: Tier, block: int, batch: int, kv: int) -> torch.Tensor:
+        home = self.homes[tier]
+        assert isinstance(home, (DeviceArena, HostArena))
+        return home.view(self._home_offset(tier, block, batch, kv), self.seg_bytes[tier])
+
+    def _slot_raw(self, slot: int, kv: int, tier: Tier) -> torch.Tensor:
+        """Device slot region of a streamed segment: the CPU segment first, then the disk segment."""
+        offset = 0 if tier == Tier.CPU else align(self.plan.kv_segment_bytes(self.plan.cache_split.cpu), ALIGN)
+        return self.slots[slot][kv].buffer[offset:]
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def store(self, block: int, batch: int, start: int, k: torch.Tensor, v: torch.Tensor,
+              skip_in_place: bool = False) -> None:
+        """Store K/V of positions [start, start+n) into the homes. k, v: (n, b, nh, d) on the device.
+
+        With `skip_in_place`, homes the attention step already wrote (GPU; CPU when delegated) are skipped.
+        """
+        tickets = self._stored.setdefault((block, batch), [])
+        mark = None
+        for tier, r0, r1 in self.segments(batch):
+            if skip_in_place and (tier == Tier.GPU or (tier == Tier.CPU and self.policy.cpu_attention)):
+                continue
+            layout = self._layout(r1 - r0)
+            regions = layout.regions(start, start + k.shape[0])
+            for kv, x in enumerate((k, v)):
+                data = layout.encode(x[:, r0:r1])
+                if tier == Tier.GPU:
+                    raw = self._home_raw(tier, block, batch, kv)
+                    for (off, n), d in zip(regions, data, strict=True):
+                        raw[off:off + n].copy_(d)
+                    continue
+                mark = mark or self.transfer.mark()
+                if tier == Tier.CPU:
+                    raw = self._home_raw(tier, block, batch, kv)
+                    pairs = [(raw[off:off + n], d) for (off, n), d in zip(regions, data, strict=True)]
+                    tickets.append(self.transfer.copy(pairs, after=[mark], store=True))
+                else:
+                    tickets.append(self._disk_store(block, batch, kv, regions, data, mark))
+
+    def _disk_store(self, block: int, batch: int, kv: int, regions: list[tuple[int, int]],
+                    data: list[torch.Tensor], mark: Ticket) -> Ticket:
+        arena = self.homes[Tier.DISK]
+        assert isinstance(arena, DiskArena)
+        base = self._home_offset(Tier.DISK, block, batch, kv)
+        if self.device.type == "cuda":
+            hosts = [torch.empty(d.numel(), dtype=torch.uint8, pin_memory=True) for d in data]
+            before = list(zip(hosts, data, strict=True))
+        else:
+            hosts, before = [d.clone() for d in data], []
+        writes = [(arena, base + off, h) for (off, _), h in zip(regions, hosts, strict=True)]
+        return self.transfer.disk_write(writes, before=before, after=[mark])
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def prefetch(self, block: int, batch: int, length: int) -> None:
+        """Start loading positions [:length] of the segments that are not attended in place."""
+        key = (block, batch)
+        if key in self._prefetched:
+            return
+        slot = self._next_slot
+        self._next_slot ^= 1
+        stores = self._stored.pop(key, [])
+        after = [self._slot_free[slot], *stores]
+        kvs = (0, 1) if self.policy.attn_topk >= 1.0 else (0,)  # top-k reads only the chosen V rows later
+        copies, reads, staged = [], [], []
+        for tier, r0, r1 in self.segments(batch):
+            if tier == Tier.GPU or (tier == Tier.CPU and self.policy.cpu_attention):
+                continue
+            regions = self._layout(r1 - r0).regions(0, length)
+            for kv in kvs:
+                if tier == Tier.CPU:
+                    dst, raw = self._slot_raw(slot, kv, tier), self._home_raw(tier, block, batch, kv)
+                    copies += [(dst[off:off + n], raw[off:off + n]) for off, n in regions]
+                    continue
+                arena = self.homes[Tier.DISK]
+                base = self._home_offset(Tier.DISK, block, batch, kv)
+                stage = self.staging[slot][kv].buffer
+                reads += [(arena, base + off, stage[off:off + n]) for off, n in regions]
+                if not self.policy.cpu_attention:  # the staging buffer is the CPU workspace otherwise
+                    dst = self._slot_raw(slot, kv, tier)
+                    staged += [(dst[off:off + n], stage[off:off + n]) for off, n in regions]
+        tickets = []
+        if copies:
+            tickets.append(self.transfer.copy(copies, after=after))
+        if reads:
+            t = self.transfer.disk_read(reads, then=staged, after=[*after, self._staging_free[slot]])
+            self._staging_free[slot] = t
+            tickets.append(t)
+        self._prefetched[key] = (slot, Ticket.all(tickets), stores)
+
+    def decode(self, block: int, batch: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               valid: torch.Tensor, t: int) -> torch.Tensor:
+        """Attention of the token at position t. q, k_new, v_new: (b, nh, d); valid: (b, t+1) -> (b, nh, d)."""
+        self.prefetch(block, batch, t)
+        slot, ticket, stores = self._prefetched.pop((block, batch))
+        if self.policy.cpu_attention or self.policy.attn_topk < 1.0:
+            for st in stores:  # host-side readers need the earlier stores on the host
+                st.host_wait()
+        outs = []
+        for tier, r0, r1 in self.segments(batch):
+            layout = self._layout(r1 - r0)
+            args = (q[r0:r1], k_new[r0:r1], v_new[r0:r1], valid[r0:r1], t)
+            if tier == Tier.GPU:
+                raws = [self._home_raw(tier, block, batch, kv) for kv in (0, 1)]
+                outs.append(self._attend_device(layout, raws, *args, v_from=None))
+            elif self._delegated(tier):
+                ticket.host_wait()
+                home = tier == Tier.CPU
+                raws = [self._home_raw(tier, block, batch, kv) if home else self.staging[slot][kv].buffer
+                        for kv in (0, 1)]
+                outs.append(self._attend_host(layout, raws, *args, v_from=(tier, block, batch)))
+            else:
+                ticket.wait()
+                raws = [self._slot_raw(slot, kv, tier) for kv in (0, 1)]
+                v_from = None if self.policy.attn_topk >= 1.0 else (tier, block, batch)
+                outs.append(self._attend_device(layout, raws, *args, v_from=v_from))
+        self._slot_free[slot] = self.transfer.mark()
+        self.store(block, batch, t, k_new[None], v_new[None], skip_in_place=True)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _write_position(self, layout: SegmentLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]], t: int) -> None:
+        """Write one position: pairs of (raw buffer, x (rows, nh, d))."""
+        for raw, x in pairs:
+            for (off, n), d in zip(layout.regions(t, t + 1), layout.encode(x[None]), strict=True):
+                raw[off:off + n].copy_(d)
+
+    def _attend_device(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
+                       v_new: torch.Tensor, valid: torch.Tensor, t: int,
+                       v_from: tuple[Tier, int, int] | None) -> torch.Tensor:
+        """Attention on the device over raws = [K, V] buffers (home or slot); V rows from `v_from` if top-k."""
+        pairs = [(raws[0], k_new)] if v_from else [(raws[0], k_new), (raws[1], v_new)]
+        self._write_position(layout, pairs, t)
+        keys = self._dequant(layout.view(raws[0], t + 1), 0)
+        if self.policy.attn_topk >= 1.0:
+            values = self._dequant(layout.view(raws[1], t + 1), 1)
+            return layers.decode_attention(q, keys, values, valid)
+        if v_from is None:
+            return self._topk(q, keys, valid, t, lambda idx: self._gather(layout, raws[1], idx), v_new)
+        return self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
+
+    def _attend_host(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor, valid: torch.Tensor, t: int, v_from: tuple[Tier, int, int]) -> torch.Tensor:
+        """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace)."""
+        q, k_new, v_new, valid = (x.to("cpu") for x in (q, k_new, v_new, valid))
+        self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t)
+        host_dtype = torch.float32 if layout.packed else layout.dtype
+        keys = _dense(layout.view(raws[0], t + 1), host_dtype)
+        if self.policy.attn_topk >= 1.0:
+            values = _dense(layout.view(raws[1], t + 1), host_dtype)
+            out = layers.decode_attention(q, keys, values, valid, chunk=CPU_CHUNK)
+        else:
+            out = self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
+        return out.to(self.device, non_blocking=True)
+
+    def _topk(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, t: int,
+              gather: Callable[[torch.Tensor], torch.Tensor], v_new: torch.Tensor) -> torch.Tensor:
+        keep = min(t, max(1, int(self.policy.attn_topk * t)))
+        if keep == 0:  # nothing in the past: attention is the current token's V
+            return v_new.to(q.dtype)
+        idx, top, current = layers.topk_scores(q, keys, valid, keep)
+        v_top = gather(idx).to(q.device)
+        return layers.topk_combine(top, current, v_top, v_new.to(q.device))
+
+    def _gather(self, layout: SegmentLayout, raw: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (rows, nh, k) of a V buffer with this layout -> (rows, nh, k, d)."""
+        view = layout.view(raw, layout.capacity)
+        if not isinstance(view, PackedTensor):
+            return layers.gather_rows(view, idx)
+        codes = layers.gather_rows(view.codes, idx)  # (rows, nh, k, G, g/2)
+        scales = layers.gather_rows(view.scales, idx)  # (rows, nh, k, G, 2)
+        shape = (*codes.shape[:3], layout.shape[-1])
+        return dequantize_moved(PackedTensor(codes, scales, shape, 3, CACHE_QUANT, self.dtype))
+
+    def _gather_home(self, layout: SegmentLayout, tier: Tier, block: int, batch: int, idx: torch.Tensor
+                     ) -> torch.Tensor:
+        """Read only the selected V rows from a CPU or disk home."""
+        idx = idx.to("cpu")
+        if tier == Tier.CPU:
+            return self._gather(layout, self._home_raw(tier, block, batch, 1), idx)
+        arena = self.homes[Tier.DISK]
+        assert isinstance(arena, DiskArena)
+        base = self._home_offset(Tier.DISK, block, batch, 1)
+        if not layout.packed:
+            return _disk_rows(arena.path, base, self.dtype, layout.shape, idx)
+        codes = _disk_rows(arena.path, base, torch.uint8, layout.codes_shape, idx)
+        scales = _disk_rows(arena.path, base + layout.scale_base, torch.float16, layout.scales_shape, idx)
+        shape = (*codes.shape[:3], layout.shape[-1])
+        return dequantize_moved(PackedTensor(codes, scales, shape, 3, CACHE_QUANT, self.dtype))
+
+    def _dequant(self, x: torch.Tensor | PackedTensor, kv: int) -> torch.Tensor:
+        if not isinstance(x, PackedTensor):
+            return x
+        assert self.dequant is not None
+        half = self.dequant.nbytes // 2
+        out = typed(self.dequant.view(kv * half, math.prod(x.shape) * self.dtype.itemsize), self.dtype, x.shape)
+        return dequantize_moved(x, self.dtype, out=out)
+
+    def finish_block(self) -> None:
+        """Wait for every outstanding store of the block."""
+        for tickets in self._stored.values():
+            for t in tickets:
+                t.host_wait()
+        for _, ticket, stores in self._prefetched.values():
+            ticket.host_wait()
+            for t in stores:
+                t.host_wait()
+        self._stored.clear()
+        self._prefetched.clear()
+
+    def close(self) -> None:
+        self.finish_block()
+        for home in self.homes.values():
+            if isinstance(home, (HostArena, DiskArena)):
+                home.close()
+        for pair in self.staging:
+            for buf in pair:
+                buf.close()
+        self.homes = {}
