@@ -84,11 +84,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path, policy: Policy | None = None, device: str | torch.device | None = None,
                         offload_dir: str | Path | None = None, dummy: bool = False, dtype: torch.dtype | None = None,
-                        gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = None, seed: int = 0) -> Engine:
+                        gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = None, seed: int = 0,
+                        disk_gib: float | None = None) -> Engine:
         """Load `model` (checkpoint directory, cached hub name, or built-in size with dummy=True).
 
         device defaults to CUDA when available, else CPU (the "gpu" tier is the compute device's memory);
-        dtype to fp16 on CUDA and fp32 on CPU; budgets to what the machine has free.
+        dtype to fp16 on CUDA and fp32 on CPU; budgets to what the machine has free (disk_gib caps the
+        offload directory's use). Nothing is allocated or written before the plan is checked.
         """
         dev = torch.device(device) if device is not None else default_device()
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -98,7 +100,7 @@ class Engine:
         if not dummy:
             ckpt_io.validate(ckpt)
         offload = OffloadDir(offload_dir)
-        budget = memory_budget(dev, offload, gpu_mem_gib, cpu_mem_gib)
+        budget = memory_budget(dev, offload, gpu_mem_gib, cpu_mem_gib, disk_gib)
         return cls(ckpt, policy or Policy(), dev, dtype, offload, budget, seed, dummy)
 
     def _load_weights(self, seed: int) -> None:
@@ -185,6 +187,21 @@ class Engine:
             stats.padded_prompt_tokens += s * len([i for b in block for i in b])
         self._end_call(stats)
         return results  # type: ignore[return-value]
+
+    def reserve(self, prompt_len: int, gen_len: int) -> None:
+        """Allocate cache and activation homes for prompts up to `prompt_len` and `gen_len` new tokens now."""
+        self._prepare(Workload(prompt_len, gen_len), need_cache=gen_len > 1)
+
+    @property
+    def run_plan(self) -> Plan:
+        """The plan of the current allocations (weights plus cache and activations once a call ran)."""
+        return self._run_plan or self.plan
+
+    @property
+    def disk_direct(self) -> bool:
+        """Whether disk-tier weight reads bypass the page cache (O_DIRECT)."""
+        disk = self.weights.homes.get(Tier.DISK) if self.weights else None
+        return bool(disk is not None and getattr(disk, "direct", False))
 
     def close(self) -> None:
         """Free every tier and remove the offload files."""

@@ -1,0 +1,233 @@
+"""The `flexgen` command: generate, bench (and the planning and evaluation subcommands).
+
+    flexgen generate --model DIR --prompt "Hello" --max-new-tokens 16
+    flexgen bench --model opt-30b --dummy --prompt-len 512 --gen-len 32 --gpu-batch-size 48 \\
+        --num-gpu-batches 4 --weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --gpu-mem-gib 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flexgen_core.plan import GIB
+from flexgen_core.policy import TIERS, Policy, PolicyError
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'0.2,0.8,0' -> (0.2, 0.8, 0.0) (gpu, cpu, disk fractions)."""
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.2,0.8,0, got {text!r}") from exc
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three fractions (gpu,cpu,disk), got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (fractions are 0..1: gpu,cpu,disk)")
+    g.add_argument("--policy", default=None, help="'auto' to search the policy with the LP, or a policy JSON file")
+    g.add_argument("--gpu-batch-size", type=int, default=None)
+    g.add_argument("--num-gpu-batches", type=int, default=None)
+    g.add_argument("--weights", type=parse_split, default=None, help="weight placement, e.g. 0.2,0.8,0")
+    g.add_argument("--cache", type=parse_split, default=None, help="KV cache placement, e.g. 0,1,0")
+    g.add_argument("--acts", type=parse_split, default=None, help="activation placement, e.g. 1,0,0")
+    g.add_argument("--cpu-attention", action="store_true", default=None, help="delegate decode attention to the CPU")
+    g.add_argument("--compress-weights", action="store_true", default=None, help="4-bit group-wise weights")
+    g.add_argument("--compress-cache", action="store_true", default=None, help="4-bit group-wise KV cache")
+    g.add_argument("--attn-topk", type=float, default=None, help="fraction of past positions kept (sparse V)")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None)
+    g.add_argument("--no-pin-weights", dest="pin_weights", action="store_false", default=None)
+
+
+POLICY_FIELDS = ("gpu_batch_size", "num_gpu_batches", "weights", "cache", "acts", "cpu_attention",
+                 "compress_weights", "compress_cache", "attn_topk", "overlap", "pin_weights")
+
+
+def fixed_policy_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Policy fields given on the command line."""
+    return {f: getattr(args, f) for f in POLICY_FIELDS if getattr(args, f, None) is not None}
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory, cached hub name, or built-in size")
+    p.add_argument("--dummy", action="store_true", help="random weights (no checkpoint needed for built-in sizes)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--offload-dir", default=None, help="directory for disk-tier files (default: a temp dir)")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="compute-device memory budget")
+    p.add_argument("--cpu-mem-gib", type=float, default=None, help="CPU RAM budget")
+    p.add_argument("--disk-gib", type=float, default=None, help="disk budget in the offload directory")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_engine(args: argparse.Namespace, prompt_len: int, gen_len: int) -> Any:
+    import torch
+
+    from flexgen_core.runtime.engine import Engine
+
+    policy = resolve_policy(args, prompt_len, gen_len)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Engine.from_pretrained(args.model, policy=policy, device=args.device, offload_dir=args.offload_dir,
+                                  dummy=args.dummy, dtype=dtype, gpu_mem_gib=args.gpu_mem_gib,
+                                  cpu_mem_gib=args.cpu_mem_gib, disk_gib=args.disk_gib, seed=args.seed)
+
+
+def resolve_policy(args: argparse.Namespace, prompt_len: int, gen_len: int) -> Policy:
+    fixed = fixed_policy_fields(args)
+    if args.policy == "auto":
+        from flexgen_core.planning.auto import auto_policy
+
+        return auto_policy(args, prompt_len, gen_len, fixed)
+    if args.policy:
+        data = json.loads(Path(args.policy).read_text())
+        base = Policy.from_dict(data.get("policy", data))
+        return base.with_(**fixed)
+    return Policy(**fixed)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.model)
+        prompts = [tokenizer.encode(p).ids for p in args.prompt]
+    else:
+        prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+    max_len = max(len(p) for p in prompts)
+    with build_engine(args, max_len, args.max_new_tokens) as engine:
+        gens = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed, stop_token_ids=args.stop_ids or (), return_logprobs=args.logprobs)
+    for n, g in enumerate(gens):
+        row: dict[str, Any] = {"prompt": n, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
+        if g.logprobs is not None:
+            row["logprobs"] = [round(x, 5) for x in g.logprobs]
+        if tokenizer is not None:
+            row["text"] = tokenizer.decode(g.token_ids)
+        print(json.dumps(row))
+    return 0
+
+
+def load_tokenizer(model: str) -> Any:
+    from tokenizers import Tokenizer
+
+    path = Path(model) / "tokenizer.json"
+    if not path.is_file():
+        raise SystemExit(f"--prompt needs a tokenizer: {path} does not exist; pass token ids with --prompt-ids")
+    return Tokenizer.from_file(str(path))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flexgen_core.bench import run_bench
+
+    result = run_bench(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_bench(result))
+    return 0
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    lines = [
+        f"model {r['model']}  policy {r['policy_str']}  block {r['block_size']}  prompt {r['prompt_len']}  "
+        f"gen {r['gen_len']}  device {r['device']}",
+        f"prefill   {r['prefill_s']:9.3f} s   {r['prefill_tok_s']:10.1f} prompt tokens/s",
+        f"decode    {r['decode_s']:9.3f} s   {r['decode_tok_s']:10.2f} tokens/s",
+        f"total     {r['total_s']:9.3f} s   {r['total_tok_s']:10.2f} tokens/s (generation throughput)",
+        "peak memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["peak_bytes"].items()),
+        "planned bytes per tier: " + ", ".join(f"{t} {fmt_bytes(r['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk")),
+        "weights placed: " + ", ".join(f"{t.value} {fmt_bytes(r['weight_bytes'][t.value])} "
+                                       f"({r['weight_fractions'][i]:.1%})" for i, t in enumerate(TIERS)),
+        f"disk reads bypass the page cache: {r['disk_direct']}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+Register = Callable[[Any], None]
+
+
+def _register_core(sub: Any) -> None:
+    g = sub.add_parser("generate", help="generate from token ids or text")
+    add_model_flags(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", nargs="+", help="one prompt per argument: comma-separated token ids")
+    src.add_argument("--prompt", nargs="+", help="prompt text (needs tokenizer.json in the model directory)")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop-ids", type=int, nargs="*", default=None)
+    g.add_argument("--logprobs", action="store_true")
+    add_policy_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure generation throughput on a synthetic workload")
+    add_model_flags(b)
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--num-blocks", type=int, default=1, help="blocks of gpu_batch_size*num_gpu_batches prompts")
+    b.add_argument("--warmup", type=int, default=1, help="warm-up generate calls before measuring")
+    b.add_argument("--print-tokens", action="store_true", help="print generated ids, one 'tokens:' line per sequence")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    add_policy_flags(b)
+    b.set_defaults(func=cmd_bench)
+
+
+def registered() -> list[Register]:
+    regs: list[Register] = [_register_core]
+    for module, attr in (("flexgen_core.planning.commands", "register"),
+                         ("flexgen_core.evaluation.commands", "register")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        regs.append(getattr(mod, attr))
+    return regs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in registered():
+        register(sub)
+    for action in sub.choices.values():
+        action.allow_abbrev = False
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        code = args.func(args)
+    except (PolicyError, ValueError, RuntimeError, FileNotFoundError, PermissionError) as exc:
+        print(f"flexgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "verbose", False):
+        print(f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
