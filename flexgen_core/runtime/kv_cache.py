@@ -30,7 +30,7 @@ from flexgen_core.runtime import layers
 from flexgen_core.runtime.memory import DeviceArena, DiskArena, HostArena, OffloadDir, typed
 from flexgen_core.runtime.transfer import DONE, Ticket, Transfer
 
-CPU_CHUNK = 256  # positions per chunk when the CPU attends over a low-precision cache
+CPU_CHUNK = 64  # positions per chunk of CPU attention over a low-precision cache (benchmarks/cpu_attention.py)
 
 
 class SegmentLayout:

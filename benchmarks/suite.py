@@ -1,0 +1,108 @@
+"""Run several `flexgen bench` cases in one go (one subprocess each) and print one table.
+
+Each case is an exact `flexgen bench` command line, run in its own process so that its peak memory and
+pinned allocations are its own; the table and a CSV (`--csv`) give prefill/decode/total throughput and
+peak memory per case, with the command that produced each row.
+
+    python benchmarks/suite.py --suite t4_like --csv $OUT/results.csv --budget-s 540
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+W = "--prompt-len 512 --gen-len 32"
+
+SUITES: dict[str, list[str]] = {
+    "smoke": [
+        "--model opt-125m --dummy --prompt-len 64 --gen-len 8 --gpu-batch-size 8 --num-gpu-batches 2",
+        "--model opt-125m --dummy --prompt-len 64 --gen-len 8 --gpu-batch-size 8 --num-gpu-batches 2 "
+        "--weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --cpu-attention",
+    ],
+    "first_gpu": [
+        f"--model opt-6.7b --dummy {W} --gpu-batch-size 32 --num-gpu-batches 1",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 48 --num-gpu-batches 2 --weights 0.2,0.8,0 --cache 0,1,0 "
+        "--acts 0,1,0 --cpu-attention --gpu-mem-gib 16",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 2 --weights 0.2,0.8,0 --cache 0,1,0 "
+        "--acts 0,1,0 --gpu-mem-gib 16",
+    ],
+}
+
+
+def run_case(args: str, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "flexgen_core.cli", "bench", *shlex.split(args), "--json"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"command": "flexgen bench " + args, "error": (proc.stderr or proc.stdout)[-2000:], "proc_s": wall}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["command"] = "flexgen bench " + args
+    result["proc_s"] = wall
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--suite", default="smoke", choices=sorted(SUITES))
+    ap.add_argument("--case", action="append", default=[], help="extra bench arguments (repeatable)")
+    ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cases after this")
+    args = ap.parse_args()
+    cases = SUITES[args.suite] + args.case
+    start = time.perf_counter()
+    rows = []
+    for case in cases:
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < 30:
+            rows.append({"command": "flexgen bench " + case, "error": "skipped: time budget"})
+            continue
+        try:
+            row = run_case(case, timeout=left)
+        except subprocess.TimeoutExpired:
+            row = {"command": "flexgen bench " + case, "error": "timeout"}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("plan_items", "tokens")}), flush=True)
+    print_table(rows)
+    if args.csv:
+        write_csv(rows, args.csv)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'model':9s} {'policy':52s} {'block':>5s} {'prefill s':>9s} {'decode s':>9s} {'total t/s':>9s} " \
+           f"{'decode t/s':>10s} {'GPU GiB':>7s} {'host GiB':>8s}"
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"ERROR {r['command']}: {r['error'][-300:]}")
+            continue
+        print(f"{r['model']:9s} {r['policy_str'][:52]:52s} {r['block_size']:5d} {r['prefill_s']:9.2f} "
+              f"{r['decode_s']:9.2f} {r['total_tok_s']:9.1f} {r['decode_tok_s']:10.1f} "
+              f"{r['peak_bytes'].get('gpu', 0) / GIB:7.1f} {r['peak_bytes'].get('cpu_rss', 0) / GIB:8.1f}")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = ["model", "policy_str", "block_size", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
+              "total_tok_s", "decode_tok_s", "gpu_peak_gib", "host_peak_gib", "load_s", "device", "command", "error"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            r = dict(r)
+            peak = r.get("peak_bytes", {})
+            r["gpu_peak_gib"] = round(peak.get("gpu", 0) / GIB, 2)
+            r["host_peak_gib"] = round(peak.get("cpu_rss", 0) / GIB, 2)
+            w.writerow(r)
+
+
+if __name__ == "__main__":
+    main()
