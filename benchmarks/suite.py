@@ -22,7 +22,16 @@ from pathlib import Path
 GIB = 1 << 30
 W = "--prompt-len 512 --gen-len 32"
 
+T4_LIKE = "--gpu-mem-gib 16"
 SUITES: dict[str, list[str]] = {
+    "visit1": [
+        f"--model opt-6.7b --dummy {W} --gpu-batch-size 32 --num-gpu-batches 2 --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 2 --weights 0.2,0.8,0 "
+        "--cache 0,1,0 --acts 0,1,0 --profile {profile}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 4 {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 2 "
+        "--weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --cpu-attention --step-timing --profile {profile}",
+    ],
     "smoke": [
         "--model opt-125m --dummy --prompt-len 64 --gen-len 8 --gpu-batch-size 8 --num-gpu-batches 2",
         "--model opt-125m --dummy --prompt-len 64 --gen-len 8 --gpu-batch-size 8 --num-gpu-batches 2 "
@@ -57,8 +66,9 @@ def main() -> None:
     ap.add_argument("--case", action="append", default=[], help="extra bench arguments (repeatable)")
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cases after this")
+    ap.add_argument("--profile", default="profiles/h100.yaml", help="hardware profile substituted for {profile}")
     args = ap.parse_args()
-    cases = SUITES[args.suite] + args.case
+    cases = [c.replace("{profile}", args.profile) for c in SUITES[args.suite] + args.case]
     start = time.perf_counter()
     rows = []
     for case in cases:
@@ -71,28 +81,31 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             row = {"command": "flexgen bench " + case, "error": "timeout"}
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("plan_items", "tokens")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("plan_items", "tokens", "predicted_breakdown")}),
+              flush=True)
     print_table(rows)
     if args.csv:
         write_csv(rows, args.csv)
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'model':9s} {'policy':52s} {'block':>5s} {'prefill s':>9s} {'decode s':>9s} {'total t/s':>9s} " \
-           f"{'decode t/s':>10s} {'GPU GiB':>7s} {'host GiB':>8s}"
+    head = (f"{'model':9s} {'policy':50s} {'block':>5s} {'prefill s':>9s} {'decode s':>9s} {'total t/s':>9s} "
+            f"{'decode t/s':>10s} {'pred t/s':>8s} {'meas/bound':>10s} {'GPU GiB':>7s} {'host GiB':>8s}")
     print(head)
     for r in rows:
         if "error" in r:
             print(f"ERROR {r['command']}: {r['error'][-300:]}")
             continue
-        print(f"{r['model']:9s} {r['policy_str'][:52]:52s} {r['block_size']:5d} {r['prefill_s']:9.2f} "
+        print(f"{r['model']:9s} {r['policy_str'][:50]:50s} {r['block_size']:5d} {r['prefill_s']:9.2f} "
               f"{r['decode_s']:9.2f} {r['total_tok_s']:9.1f} {r['decode_tok_s']:10.1f} "
+              f"{r.get('predicted_tok_s', 0):8.1f} {r.get('measured_over_bound', 0):10.2f} "
               f"{r['peak_bytes'].get('gpu', 0) / GIB:7.1f} {r['peak_bytes'].get('cpu_rss', 0) / GIB:8.1f}")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["model", "policy_str", "block_size", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
-              "total_tok_s", "decode_tok_s", "gpu_peak_gib", "host_peak_gib", "load_s", "device", "command", "error"]
+              "total_tok_s", "decode_tok_s", "predicted_tok_s", "bound_tok_s", "measured_over_bound",
+              "gpu_peak_gib", "host_peak_gib", "load_s", "device", "command", "error"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

@@ -30,6 +30,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with engine:
         policy, spec = engine.policy, engine.spec
         engine.reserve(args.prompt_len, args.gen_len)
+        engine.step_timing = getattr(args, "step_timing", False)
         prompts = synthetic_prompts(policy.block_size * args.num_blocks, args.prompt_len, spec.vocab_size, args.seed)
         for _ in range(args.warmup):
             engine.generate([p[:min(8, args.prompt_len)] for p in prompts[:policy.block_size]], 2)
@@ -56,6 +57,37 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "weight_fractions": list(plan.realized_weight_fractions()),
             "disk_direct": engine.disk_direct,
         }
+        if st.step_s:  # per layer step, as the cost model's breakdown reports it
+            counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
+            steps = {"prefill": args.num_blocks, "decode": args.num_blocks * max(args.gen_len - 1, 1)}
+            result["measured_step_s"] = {ph: {k: v / (counts[k] * steps[ph]) for k, v in kinds.items()}
+                                         for ph, kinds in st.step_s.items()}
+        result.update(_prediction(args, engine))
         if getattr(args, "print_tokens", False):
             result["tokens"] = [g.token_ids for g in gens]
     return result
+
+
+def _prediction(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
+    """The cost model's prediction for the measured policy (when a profile is known) and the ratios."""
+    from flexgen_core.plan import Workload
+    from flexgen_core.planning.cost_model import estimate
+    from flexgen_core.planning.hardware import resolve_profile
+
+    est = getattr(args, "auto_estimate", None)
+    profile_name = "auto"
+    if est is None or est.policy != engine.policy:
+        if not getattr(args, "profile", None):
+            return {}
+        profile = resolve_profile(args.profile)
+        profile_name = profile.name
+        est = estimate(engine.spec, engine.policy, Workload(args.prompt_len, args.gen_len), profile,
+                       engine.dtype.itemsize)
+    st = engine.last_stats
+    measured = engine.policy.block_size * args.num_blocks * args.gen_len / st.total_s if st.total_s else 0.0
+    return {"profile": profile_name, "predicted_tok_s": est.throughput_tok_s, "bound_tok_s": est.bound_tok_s,
+            "predicted_prefill_s": est.prefill_s * args.num_blocks,
+            "predicted_decode_s": est.decode_s * args.num_blocks,
+            "measured_over_predicted": measured / est.throughput_tok_s if est.throughput_tok_s else 0.0,
+            "measured_over_bound": measured / est.bound_tok_s if est.bound_tok_s else 0.0,
+            "predicted_breakdown": est.breakdown}

@@ -39,11 +39,20 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", type=parse_split, default=None, help="KV cache placement, e.g. 0,1,0")
     g.add_argument("--acts", type=parse_split, default=None, help="activation placement, e.g. 1,0,0")
     g.add_argument("--cpu-attention", action="store_true", default=None, help="delegate decode attention to the CPU")
+    g.add_argument("--no-cpu-attention", dest="cpu_attention", action="store_false", default=None,
+                   help="keep decode attention on the compute device (fixes the field for --policy auto)")
     g.add_argument("--compress-weights", action="store_true", default=None, help="4-bit group-wise weights")
     g.add_argument("--compress-cache", action="store_true", default=None, help="4-bit group-wise KV cache")
     g.add_argument("--attn-topk", type=float, default=None, help="fraction of past positions kept (sparse V)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None)
     g.add_argument("--no-pin-weights", dest="pin_weights", action="store_false", default=None)
+
+
+def add_auto_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("automatic policy (--policy auto)")
+    g.add_argument("--profile", default=None,
+                   help="hardware profile YAML or name in profiles/ (default: measure this machine once, cached)")
+    g.add_argument("--memory-margin", type=float, default=0.05, help="fraction of each memory budget kept free")
 
 
 POLICY_FIELDS = ("gpu_batch_size", "num_gpu_batches", "weights", "cache", "acts", "cpu_attention",
@@ -156,6 +165,17 @@ def format_bench(r: dict[str, Any]) -> str:
                                        f"({r['weight_fractions'][i]:.1%})" for i, t in enumerate(TIERS)),
         f"disk reads bypass the page cache: {r['disk_direct']}",
     ]
+    if r.get("measured_step_s"):
+        pred = r.get("predicted_breakdown", {})
+        lines.append("measured seconds per layer step (predicted):")
+        for phase, kinds in r["measured_step_s"].items():
+            lines.append(f"  {phase:8s} " + "  ".join(
+                f"{k} {v:.5f}" + (f" ({pred[phase][k]['step']:.5f})" if pred.get(phase, {}).get(k) else "")
+                for k, v in kinds.items()))
+    if r.get("predicted_tok_s"):
+        lines.append(f"cost model ({r['profile']}): predicted {r['predicted_tok_s']:.2f} tokens/s, I/O-or-compute "
+                     f"bound {r['bound_tok_s']:.2f}; measured/predicted {r['measured_over_predicted']:.2f}, "
+                     f"measured/bound {r['measured_over_bound']:.2f}")
     return "\n".join(lines)
 
 
@@ -176,6 +196,7 @@ def _register_core(sub: Any) -> None:
     g.add_argument("--stop-ids", type=int, nargs="*", default=None)
     g.add_argument("--logprobs", action="store_true")
     add_policy_flags(g)
+    add_auto_flags(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="measure generation throughput on a synthetic workload")
@@ -186,21 +207,23 @@ def _register_core(sub: Any) -> None:
     b.add_argument("--warmup", type=int, default=1, help="warm-up generate calls before measuring")
     b.add_argument("--print-tokens", action="store_true", help="print generated ids, one 'tokens:' line per sequence")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--step-timing", action="store_true",
+                   help="diagnostic: synchronize and time every layer step (slower; compare with the cost model)")
     add_policy_flags(b)
+    add_auto_flags(b)
     b.set_defaults(func=cmd_bench)
 
 
 def registered() -> list[Register]:
-    regs: list[Register] = [_register_core]
-    for module, attr in (("flexgen_core.planning.commands", "register"),
-                         ("flexgen_core.evaluation.commands", "register")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        regs.append(getattr(mod, attr))
+    """Subcommand registrars: the core ones, then plugins of the `flexgen.commands` entry-point group (the
+    Prefect-backed `flexgen eval` lives in `flows/` and registers itself there, so this package never imports
+    Prefect)."""
+    from importlib.metadata import entry_points
+
+    from flexgen_core.planning.commands import register as register_planning
+
+    regs: list[Register] = [_register_core, register_planning]
+    regs += [ep.load() for ep in entry_points(group="flexgen.commands")]
     return regs
 
 
