@@ -42,6 +42,8 @@ class CallStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    # with Engine.step_timing on: seconds per (phase, layer kind), device-synchronized after every step
+    step_s: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:

@@ -64,6 +64,7 @@ class Engine:
         self.spec: ModelSpec = checkpoint.spec
         self.offload, self.budget = offload, budget
         self.last_stats = CallStats()
+        self.step_timing = False  # diagnostic: synchronize after every step and time it (slows runs down)
         self.plan: Plan = build_plan(self.spec, policy, None, dtype.itemsize, device.type)
         self.plan.check(budget)
         self._cache: KVCache | None = None
@@ -291,6 +292,8 @@ class Engine:
             self.weights.prefetch(0, 0)
         w: dict[str, torch.Tensor] = {}
         done_tokens = n_tokens
+        timing = self.step_timing
+        mark = time.perf_counter()
         for step in zigzag(n_tokens, num_layers, len(batches)):
             if overlap:
                 if step.prefetch_layer is not None:
@@ -300,6 +303,13 @@ class Engine:
             if step.batch == 0:
                 w = self.weights.materialize(step.layer, step.weight_slot)
             self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
+            if timing:
+                self._sync()
+                now = time.perf_counter()
+                phase = stats.step_s.setdefault("prefill" if step.token == 0 else "decode", {})
+                kind = self.plan.layers[step.layer].spec.kind.value
+                phase[kind] = phase.get(kind, 0.0) + now - mark
+                mark = now
             if step.last_batch:
                 self.weights.release(step.weight_slot)
                 if step.layer == num_layers - 1:

@@ -91,10 +91,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     scale = 1.0 / math.sqrt(q.shape[-1])
     t = k.shape[0]
     if chunk <= 0 or k.dtype == torch.float32:
-        scores = torch.einsum("bhd,tbhd->bht", q * scale, k)  # (b, nh, t)
+        # computed in the cache's dtype (fp32 when a compressed cache was dequantized on the host)
+        scores = torch.einsum("bhd,tbhd->bht", q.to(k.dtype) * scale, k)  # (b, nh, t)
         scores = scores.float().masked_fill_(~valid[:, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.einsum("bht,tbhd->bhd", p, v)
+        return torch.einsum("bht,tbhd->bhd", p, v).to(q.dtype)
     qf = (q.float() * scale)
     scores = torch.empty(q.shape[0], q.shape[1], t, dtype=torch.float32, device=q.device)
     for a in range(0, t, chunk):
