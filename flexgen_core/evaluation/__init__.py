@@ -1,0 +1,1 @@
+"""HELM-style evaluation layer: data model, scenarios, adapters, metrics, run store and outputs (Prefect-free)."""
