@@ -2,7 +2,8 @@
 
     python3 benchmarks/device_visit.py --out $OUT --stages env,tests,profile,suite:visit1 --budget-s 560
 
-Stages: `env` (GPU, driver, torch, memory, disk), `tests` (the CUDA tests: pytest -m gpu), `profile` (our
+Stages: `env` (GPU, driver, torch, memory, disk), `tests` (the CUDA tests: pytest -m gpu), `cpuattn` (CPU
+decode-attention kernels, benchmarks/cpu_attention.py), `profile` (our
 prober -> OUT/h100.yaml), `suite:NAME` (benchmarks/suite.py; cases may use {profile}, the profile just
 measured or profiles/h100.yaml). Each stage's output goes to OUT/<stage>.log and a summary to stdout.
 """
@@ -54,11 +55,16 @@ def main() -> None:
             continue
         log = args.out / f"{stage.replace(':', '_')}.log"
         if stage == "env":
-            run("nvidia-smi; free -g; df -h /tmp .; nproc; "
+            run("nvidia-smi; free -g; df -h /tmp .; nproc; lscpu | grep -E 'Model name|Flags'; which g++ ninja; "
                 f"{py} -c 'import torch, transformers; print(torch.__version__, transformers.__version__, "
                 "torch.cuda.get_device_name(), torch.cuda.mem_get_info())'", log, 60)
         elif stage == "tests":
-            run(f"{py} -m pytest -q -x -p no:cacheprovider -m gpu tests/test_cuda.py", log, min(left, 300))
+            run(f"{py} -m pytest -q -x -p no:cacheprovider -m 'gpu or not gpu' tests/test_cuda.py "
+                "tests/test_engine_dtypes.py", log, min(left, 300))
+            os.system(f"tail -5 {log}")
+        elif stage == "cpuattn":
+            run(f"{py} benchmarks/cpu_attention.py", log, min(left, 120))
+            os.system(f"tail -12 {log}")
         elif stage == "profile":
             run(f"{py} -m flexgen_core.cli profile --name h100 --out {profile}", log, min(left, 150))
             os.system(f"cat {log} | tail -25")

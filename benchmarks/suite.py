@@ -24,6 +24,15 @@ W = "--prompt-len 512 --gen-len 32"
 
 T4_LIKE = "--gpu-mem-gib 16"
 SUITES: dict[str, list[str]] = {
+    "visit2": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.2,0.8,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 32 --num-gpu-batches 1 --profile {{profile}}",
+        f"--model opt-6.7b --dummy {W} --gpu-batch-size 32 --num-gpu-batches 2 --profile {{profile}}",
+    ],
     "visit1": [
         f"--model opt-6.7b --dummy {W} --gpu-batch-size 32 --num-gpu-batches 2 --profile {{profile}}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",

@@ -222,10 +222,17 @@ def dequantize_moved(p: PackedTensor, dtype: torch.dtype | None = None,
     With `out` given, the result is written there (a reused buffer) and returned.
     """
     dtype = dtype or p.dtype
-    q = _unpack(p.codes, p.bits)  # (*rest, G, g)
-    compute = torch.float32 if p.codes.device.type == "cpu" or dtype == torch.float32 else dtype
-    vals = q.to(compute) * p.scales[..., :1].to(compute) + p.scales[..., 1:].to(compute)
     n = p.shape[p.dim]
+    if p.codes.is_cuda and p.bits == 4:
+        from flexgen_core.runtime.kernels.dequant_cuda import dequantize4
+
+        target = out if out is not None else torch.empty(
+            (*p.codes.shape[:-2], n), dtype=dtype, device=p.codes.device)
+        if dequantize4(p.codes, p.scales, target, p.group_size):
+            return target
+    q = _unpack(p.codes, p.bits)  # (*rest, G, g)
+    # fp32 arithmetic, one rounding to the output dtype (the fused CUDA kernel does the same)
+    vals = q.float() * p.scales[..., :1].float() + p.scales[..., 1:].float()
     vals = vals.reshape(*vals.shape[:-2], -1)[..., :n]
     if out is None:
         return vals.to(dtype)

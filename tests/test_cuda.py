@@ -69,3 +69,20 @@ def test_score_on_cuda(small_opt: Path) -> None:
         gen = engine.generate([PROMPTS[0]], 4, return_logprobs=True)[0]
         sc = engine.score([PROMPTS[0]], [gen.token_ids])[0]
     assert sc.is_greedy and abs(sc.logprob - sum(gen.logprobs)) < 0.05
+
+
+@pytest.mark.parametrize("shape, dim", [((200, 130), 0), ((64, 4096), 0), ((9, 3, 7, 128), 3), ((5, 2, 4, 72), 3)])
+def test_triton_dequant_matches_torch_bit_for_bit(shape: tuple[int, ...], dim: int) -> None:
+    from flexgen_core.quant import dequantize_moved, quantize
+    from flexgen_core.runtime.kernels.dequant_cuda import available
+
+    assert available(), "triton must be importable on the GPU machine"
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3
+    packed = quantize(x, 4, 64, dim=dim)
+    ref = dequantize_moved(packed, torch.float16)  # torch path on the CPU, fp32 math, one rounding
+    gpu = dequantize_moved(packed.to("cuda"), torch.float16)
+    assert torch.equal(gpu.cpu(), ref)
+    # into a column slice of a wider buffer, as the weight store does
+    wide = torch.zeros(*ref.shape[:-1], ref.shape[-1] + 64, dtype=torch.float16, device="cuda")
+    dequantize_moved(packed.to("cuda"), torch.float16, out=wide[..., 32:32 + ref.shape[-1]])
+    assert torch.equal(wide[..., 32:32 + ref.shape[-1]].cpu(), ref) and not wide[..., :32].any()

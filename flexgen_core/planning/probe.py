@@ -142,7 +142,7 @@ class _Prober:
         v = torch.randn(t_len, b, nh, d).to(cache_dtype)
         q = torch.randn(b, nh, d).to(cache_dtype)
         valid = torch.ones(b, t_len, dtype=torch.bool)
-        t = _median_time(lambda: layers.decode_attention(q, k, v, valid, chunk=CPU_CHUNK), lambda: None, 5)
+        t = _median_time(lambda: layers.host_decode_attention(q, k, v, valid, chunk=CPU_CHUNK), lambda: None, 5)
         return 4 * b * nh * t_len * d / t / 1e9
 
     def step_overhead_us(self) -> float:

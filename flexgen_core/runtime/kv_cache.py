@@ -47,6 +47,7 @@ class SegmentLayout:
             self.scale_base = align(capacity * self.code_pos, PIECE_ALIGN)
         else:
             self.pos_bytes = rows * heads * head_dim * dtype.itemsize
+        self._full: dict[tuple[int, int], torch.Tensor | PackedTensor] = {}  # buffer -> full-capacity view
 
     def regions(self, start: int, stop: int) -> list[tuple[int, int]]:
         """(byte offset, nbytes) ranges holding positions [start, stop)."""
@@ -57,11 +58,17 @@ class SegmentLayout:
 
     def view(self, raw: torch.Tensor, length: int) -> torch.Tensor | PackedTensor:
         """Positions [:length] of a buffer with this layout (dense tensor or packed view)."""
-        if not self.packed:
-            return typed(raw, self.dtype, self.shape)[:length]
-        codes = typed(raw, torch.uint8, self.codes_shape)[:length]
-        scales = typed(raw[self.scale_base:], torch.float16, self.scales_shape)[:length]
-        return PackedTensor(codes, scales, (length, *self.shape[1:]), 3, CACHE_QUANT, self.dtype)
+        key = (raw.data_ptr(), raw.numel())
+        full = self._full.get(key)
+        if full is None:  # buffers are preallocated, so a buffer's full view is built once
+            if not self.packed:
+                full = typed(raw, self.dtype, self.shape)
+            else:
+                full = PackedTensor(typed(raw, torch.uint8, self.codes_shape),
+                                    typed(raw[self.scale_base:], torch.float16, self.scales_shape),
+                                    self.shape, 3, CACHE_QUANT, self.dtype)
+            self._full[key] = full
+        return full.narrow(0, 0, length)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Bytes to store for positions x: (n, rows, nh, d), one tensor per region of `regions`."""
@@ -117,18 +124,25 @@ class KVCache:
         self._prefetched: dict[tuple[int, int], tuple[int, Ticket, list[Ticket]]] = {}
         self._next_slot = 0
         self.rows: list[int] = []
+        self._segments: list[list[tuple[Tier, int, int]]] = []
+        self._layouts: dict[int, SegmentLayout] = {}
+        self._raws: dict[tuple[Tier, int, int, int], torch.Tensor] = {}
 
     # ---- block lifecycle ------------------------------------------------------------------------
     def begin_block(self, batch_rows: list[int]) -> None:
         self.finish_block()
         self.rows = list(batch_rows)
+        self._segments = [self.plan.cache_split.segments(rows) for rows in self.rows]
 
     def segments(self, batch: int) -> list[tuple[Tier, int, int]]:
-        return self.plan.cache_split.segments(self.rows[batch])
+        return self._segments[batch]
 
     def _layout(self, rows: int) -> SegmentLayout:
-        return SegmentLayout(rows, self.capacity, self.spec.num_heads, self.spec.head_dim, self.dtype,
-                             self.policy.compress_cache)
+        layout = self._layouts.get(rows)
+        if layout is None:
+            layout = self._layouts[rows] = SegmentLayout(rows, self.capacity, self.spec.num_heads,
+                                                         self.spec.head_dim, self.dtype, self.policy.compress_cache)
+        return layout
 
     def _delegated(self, tier: Tier) -> bool:
         return tier != Tier.GPU and self.policy.cpu_attention
@@ -137,9 +151,13 @@ class KVCache:
         return ((block * self.policy.num_gpu_batches + batch) * 2 + kv) * self.seg_bytes[tier]
 
     def _home_raw(self, tier: Tier, block: int, batch: int, kv: int) -> torch.Tensor:
-        home = self.homes[tier]
-        assert isinstance(home, (DeviceArena, HostArena))
-        return home.view(self._home_offset(tier, block, batch, kv), self.seg_bytes[tier])
+        key = (tier, block, batch, kv)
+        raw = self._raws.get(key)
+        if raw is None:
+            home = self.homes[tier]
+            assert isinstance(home, (DeviceArena, HostArena))
+            raw = self._raws[key] = home.view(self._home_offset(tier, block, batch, kv), self.seg_bytes[tier])
+        return raw
 
     def _slot_raw(self, slot: int, kv: int, tier: Tier) -> torch.Tensor:
         """Device slot region of a streamed segment: the CPU segment first, then the disk segment."""
@@ -256,10 +274,15 @@ class KVCache:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _write_position(self, layout: SegmentLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]], t: int) -> None:
-        """Write one position: pairs of (raw buffer, x (rows, nh, d))."""
+        """Write one position: pairs of (raw buffer, x (rows, nh, d)), straight into the buffer's view."""
         for raw, x in pairs:
-            for (off, n), d in zip(layout.regions(t, t + 1), layout.encode(x[None]), strict=True):
-                raw[off:off + n].copy_(d)
+            dst = layout.view(raw, t + 1)
+            if isinstance(dst, PackedTensor):
+                p = quantize(x[None], CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
+                dst.codes[t].copy_(p.codes[0])
+                dst.scales[t].copy_(p.scales[0])
+            else:
+                dst[t].copy_(x)
 
     def _attend_device(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
                        v_new: torch.Tensor, valid: torch.Tensor, t: int,
@@ -278,13 +301,14 @@ class KVCache:
     def _attend_host(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, valid: torch.Tensor, t: int, v_from: tuple[Tier, int, int]) -> torch.Tensor:
         """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace)."""
-        q, k_new, v_new, valid = (x.to("cpu") for x in (q, k_new, v_new, valid))
+        q, k_new, v_new = torch.stack((q, k_new, v_new)).to("cpu")  # one device->host transfer
+        valid = valid.to("cpu")
         self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t)
         host_dtype = torch.float32 if layout.packed else layout.dtype
         keys = _dense(layout.view(raws[0], t + 1), host_dtype)
         if self.policy.attn_topk >= 1.0:
             values = _dense(layout.view(raws[1], t + 1), host_dtype)
-            out = layers.decode_attention(q, keys, values, valid, chunk=CPU_CHUNK)
+            out = layers.host_decode_attention(q, keys, values, valid, chunk=CPU_CHUNK)
         else:
             out = self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
         return out.to(self.device, non_blocking=True)

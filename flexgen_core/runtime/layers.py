@@ -91,11 +91,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     scale = 1.0 / math.sqrt(q.shape[-1])
     t = k.shape[0]
     if chunk <= 0 or k.dtype == torch.float32:
-        # computed in the cache's dtype (fp32 when a compressed cache was dequantized on the host)
-        scores = torch.einsum("bhd,tbhd->bht", q.to(k.dtype) * scale, k)  # (b, nh, t)
-        scores = scores.float().masked_fill_(~valid[:, None, :], float("-inf"))
-        p = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.einsum("bht,tbhd->bhd", p, v).to(q.dtype)
+        # one fused kernel over the strided (b, nh, t, d) view of the cache, in the cache's dtype (fp32 when a
+        # compressed cache was dequantized on the host); every row has its current token valid
+        out = F.scaled_dot_product_attention(q.to(k.dtype)[:, :, None], k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                             attn_mask=valid[:, None, None, :])  # (b, nh, 1, d)
+        return out[:, :, 0].to(q.dtype)
     qf = (q.float() * scale)
     scores = torch.empty(q.shape[0], q.shape[1], t, dtype=torch.float32, device=q.device)
     for a in range(0, t, chunk):
@@ -106,6 +106,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     for a in range(0, t, chunk):
         out += torch.einsum("bht,tbhd->bhd", p[..., a:a + chunk], v[a:a + chunk].float())
     return out.to(q.dtype)
+
+
+def host_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                          chunk: int = 64) -> torch.Tensor:
+    """Decode attention on the CPU over a cache in place: the native kernel when it is available (streams the
+    low-precision cache once), else `decode_attention` with chunked upcasting. Shapes as `decode_attention`."""
+    from flexgen_core.runtime.kernels import cpu_decode_attention
+
+    out = cpu_decode_attention(q, k, v, valid)
+    return out if out is not None else decode_attention(q, k, v, valid, chunk=chunk)
 
 
 def topk_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, keep: int

@@ -41,6 +41,7 @@ class WeightStore:
         self._loaded: list[int | None] = [None, None]
         self._tickets: list[Ticket] = [DONE, DONE]
         self._written: set[tuple[int, str]] = set()
+        self._views: dict[tuple[int, int], tuple[dict[str, torch.Tensor], list[tuple[PackedTensor, torch.Tensor]]]] = {}
 
     # ---- writing (load time) -------------------------------------------------------------------
     def write_tensor(self, layer: int, name: str, tensor: torch.Tensor) -> None:
@@ -120,19 +121,33 @@ class WeightStore:
         self._slot_free[slot] = self.transfer.mark()
 
     def materialize(self, layer: int, slot: int) -> dict[str, torch.Tensor]:
-        """Device views of `layer`'s tensors (waits for its prefetch into `slot`)."""
+        """Device views of `layer`'s tensors (waits for its prefetch into `slot`; dequantizes packed ones)."""
         if self._loaded[slot] != layer:
             self.prefetch(layer, slot)
         self._tickets[slot].wait()
-        lay = self.plan.layers[layer]
-        out: dict[str, torch.Tensor] = {}
-        for t in lay.tensors:
-            out[t.spec.name] = self._device_tensor(t, slot)
-        if lay.spec.kind == LayerKind.HEAD and "tok" not in out:
-            raise RuntimeError("head layer without the tied embedding")
-        return out
+        key = (layer, slot)
+        cached = self._views.get(key)
+        if cached is None:
+            cached = self._views[key] = self._build_views(layer, slot)
+        views, dequant_jobs = cached
+        for packed, out in dequant_jobs:
+            dequantize_moved(packed, out=out)
+        return views
 
-    def _device_tensor(self, t: TensorPlacement, slot: int) -> torch.Tensor:
+    def _build_views(self, layer: int, slot: int
+                     ) -> tuple[dict[str, torch.Tensor], list[tuple[PackedTensor, torch.Tensor]]]:
+        """The views of a layer in a slot never change: build them once (buffers are preallocated)."""
+        lay = self.plan.layers[layer]
+        views: dict[str, torch.Tensor] = {}
+        jobs: list[tuple[PackedTensor, torch.Tensor]] = []
+        for t in lay.tensors:
+            views[t.spec.name] = self._device_tensor(t, slot, jobs)
+        if lay.spec.kind == LayerKind.HEAD and "tok" not in views:
+            raise RuntimeError("head layer without the tied embedding")
+        return views, jobs
+
+    def _device_tensor(self, t: TensorPlacement, slot: int, jobs: list[tuple[PackedTensor, torch.Tensor]]
+                       ) -> torch.Tensor:
         shape = t.spec.shape
         if t.packed:
             assert self.dequant is not None and t.dequant_offset is not None
@@ -141,7 +156,7 @@ class WeightStore:
             for piece in t.pieces:
                 raw = (self.homes[Tier.GPU].view(piece.offset, piece.nbytes) if piece.slot_offset is None  # type: ignore[union-attr]
                        else self.slots[slot].view(piece.slot_offset, piece.nbytes))
-                dequantize_moved(_packed_view(raw, piece, self.dtype), out=moved[..., piece.row_start:piece.row_stop])
+                jobs.append((_packed_view(raw, piece, self.dtype), moved[..., piece.row_start:piece.row_stop]))
             return moved.movedim(-1, 0)  # (out, in) view of the (in, out) buffer
         nbytes = t.spec.numel * self.dtype.itemsize
         if t.slot_offset is None:  # resident: a single GPU piece
