@@ -220,9 +220,10 @@ def registered() -> list[Register]:
     Prefect)."""
     from importlib.metadata import entry_points
 
+    from flexgen_core.evaluation.commands import register as register_evaluation
     from flexgen_core.planning.commands import register as register_planning
 
-    regs: list[Register] = [_register_core, register_planning]
+    regs: list[Register] = [_register_core, register_planning, register_evaluation]
     regs += [ep.load() for ep in entry_points(group="flexgen.commands")]
     return regs
 
