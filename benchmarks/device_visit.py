@@ -62,6 +62,9 @@ def main() -> None:
             run(f"{py} -m pytest -q -x -p no:cacheprovider -m 'gpu or not gpu' tests/test_cuda.py "
                 "tests/test_engine_dtypes.py", log, min(left, 300))
             os.system(f"tail -5 {log}")
+        elif stage == "kernels":
+            run(f"{py} benchmarks/gpu_kernels.py", log, min(left, 180))
+            os.system(f"cat {log}")
         elif stage == "cpuattn":
             run(f"{py} benchmarks/cpu_attention.py", log, min(left, 120))
             os.system(f"tail -12 {log}")

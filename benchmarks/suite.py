@@ -56,14 +56,33 @@ SUITES: dict[str, list[str]] = {
 }
 
 
-def run_case(args: str, timeout: float) -> dict:
+def run_case(args: str, timeout: float, rss_limit: int) -> dict:
+    """Run one case in its own process; kill it if its resident memory passes `rss_limit` (an overcommitted
+    pinned host allocation hangs a machine rather than failing) or it runs past `timeout`."""
+    import psutil
+
     cmd = [sys.executable, "-m", "flexgen_core.cli", "bench", *shlex.split(args), "--json"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    peak, killed = 0, ""
+    while proc.poll() is None:
+        try:
+            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        if peak > rss_limit:
+            killed = f"killed: resident memory {peak / GIB:.1f} GiB passed the {rss_limit / GIB:.1f} GiB limit"
+        elif time.perf_counter() - start > timeout:
+            killed = "timeout"
+        if killed:
+            proc.kill()
+            break
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        return {"command": "flexgen bench " + args, "error": (proc.stderr or proc.stdout)[-2000:], "proc_s": wall}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if killed or proc.returncode != 0:
+        return {"command": "flexgen bench " + args, "error": killed or (stderr or stdout)[-2000:], "proc_s": wall}
+    result = json.loads(stdout.strip().splitlines()[-1])
     result["command"] = "flexgen bench " + args
     result["proc_s"] = wall
     return result
@@ -76,8 +95,12 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cases after this")
     ap.add_argument("--profile", default="profiles/h100.yaml", help="hardware profile substituted for {profile}")
+    ap.add_argument("--keep-free-gib", type=float, default=6.0, help="kill a case whose RSS leaves less RAM free")
     args = ap.parse_args()
     cases = [c.replace("{profile}", args.profile) for c in SUITES[args.suite] + args.case]
+    import psutil
+
+    rss_limit = psutil.virtual_memory().total - int(args.keep_free_gib * GIB)
     start = time.perf_counter()
     rows = []
     for case in cases:
@@ -85,10 +108,7 @@ def main() -> None:
         if left < 30:
             rows.append({"command": "flexgen bench " + case, "error": "skipped: time budget"})
             continue
-        try:
-            row = run_case(case, timeout=left)
-        except subprocess.TimeoutExpired:
-            row = {"command": "flexgen bench " + case, "error": "timeout"}
+        row = run_case(case, timeout=left, rss_limit=rss_limit)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("plan_items", "tokens", "predicted_breakdown")}),
               flush=True)

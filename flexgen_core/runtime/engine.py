@@ -33,16 +33,24 @@ from flexgen_core.runtime.weights import WeightStore
 from flexgen_core.spec import LayerKind, ModelSpec
 
 GPU_RESERVE_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces, allocator slack
+HOST_RESERVE_BYTES = 4 << 30
+HOST_RESERVE_FRACTION = 0.08
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def host_reserve_bytes() -> int:
+    """Host memory the plan never hands out: the process itself (Python, torch, the CUDA context), transient
+    tensors and the page cache. Pinned memory cannot be reclaimed, so overcommitting it hangs a machine."""
+    return max(HOST_RESERVE_BYTES, int(psutil.virtual_memory().total * HOST_RESERVE_FRACTION))
+
+
 def memory_budget(device: torch.device, offload: OffloadDir, gpu_mem_gib: float | None,
                   cpu_mem_gib: float | None, disk_gib: float | None = None) -> MemoryBudget:
-    """Budgets per tier: the given limits, else what the machine has free now."""
-    host_free = psutil.virtual_memory().available
+    """Budgets per tier: the given limits, else what the machine has free now (less a host reserve)."""
+    host_free = max(0, psutil.virtual_memory().available - host_reserve_bytes())
     if gpu_mem_gib is not None:
         gpu = int(gpu_mem_gib * GIB)
     elif device.type == "cuda":

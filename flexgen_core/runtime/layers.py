@@ -90,12 +90,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     t = k.shape[0]
-    if chunk <= 0 or k.dtype == torch.float32:
-        # one fused kernel over the strided (b, nh, t, d) view of the cache, in the cache's dtype (fp32 when a
+    if (chunk <= 0 or k.dtype == torch.float32) and not q.is_cuda:
+        # CPU: one fused kernel over the strided (b, nh, t, d) view of the cache, in the cache's dtype (fp32 when a
         # compressed cache was dequantized on the host); every row has its current token valid
         out = F.scaled_dot_product_attention(q.to(k.dtype)[:, :, None], k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
                                              attn_mask=valid[:, None, None, :])  # (b, nh, 1, d)
         return out[:, :, 0].to(q.dtype)
+    if chunk <= 0 or k.dtype == torch.float32:
+        # CUDA: batched matmuls on the strided cache (uniform (b*nh) batch stride, no copy). SDPA here would pick
+        # cuDNN on Hopper, which builds a new plan for every cache length (benchmarks/gpu_kernels.py).
+        scores = torch.einsum("bhd,tbhd->bht", q.to(k.dtype) * scale, k)  # (b, nh, t)
+        scores = scores.float().masked_fill_(~valid[:, None, :], float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.einsum("bht,tbhd->bhd", p, v).to(q.dtype)
     qf = (q.float() * scale)
     scores = torch.empty(q.shape[0], q.shape[1], t, dtype=torch.float32, device=q.device)
     for a in range(0, t, chunk):

@@ -47,7 +47,11 @@ def available() -> bool:
     return True
 
 
-def dequantize4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, group_size: int) -> bool:
+BLOCK = (32, 128, 4)  # rows, columns, warps per program (benchmarks/gpu_kernels.py)
+
+
+def dequantize4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, group_size: int,
+                block: tuple[int, int, int] | None = None) -> bool:
     """Dequantize into `out` (viewed as (M, n)); False when these tensors need the torch path instead."""
     if not (available() and codes.is_cuda and codes.is_contiguous() and scales.is_contiguous()
             and out.stride(-1) == 1 and out.dtype in (torch.float16, torch.bfloat16, torch.float32)):
@@ -61,6 +65,8 @@ def dequantize4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, gr
     out2 = out.reshape(m, n) if out.is_contiguous() else out
     if out2.dim() != 2:
         return False
-    grid = (-(-m // 32), -(-n // 128))
-    _kernel()[grid](codes, scales, out2, m, n, groups, out2.stride(0), GROUP=group_size, BLOCK_M=32, BLOCK_N=128)
+    block_m, block_n, warps = block or BLOCK
+    grid = (-(-m // block_m), -(-n // block_n))
+    _kernel()[grid](codes, scales, out2, m, n, groups, out2.stride(0), GROUP=group_size, BLOCK_M=block_m,
+                    BLOCK_N=block_n, num_warps=warps)
     return True
