@@ -24,6 +24,13 @@ W = "--prompt-len 512 --gen-len 32"
 
 T4_LIKE = "--gpu-mem-gib 16"
 SUITES: dict[str, list[str]] = {
+    "final": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
+        f"--model opt-30b --dummy {W} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+    ],
     "visit2": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.2,0.8,0 "

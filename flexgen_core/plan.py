@@ -168,6 +168,12 @@ class Plan:
         return max((lay.slot_bytes for lay in self.layers), default=0)
 
     @property
+    def weight_slots(self) -> int:
+        """Device weight slots: three when a layer step can block the host (CPU-delegated attention, disk reads),
+        so the weights two layers ahead load meanwhile; else two (the next layer loads while one computes)."""
+        return weight_slots(self.policy)
+
+    @property
     def dequant_bytes(self) -> int:
         return max((lay.dequant_bytes for lay in self.layers), default=0)
 
@@ -220,6 +226,10 @@ class Plan:
             "bytes_per_tier": {t.value: b for t, b in self.bytes_per_tier().items()},
             "items": {t.value: dict(items) for t, items in self.usage.items()},
         }
+
+
+def weight_slots(policy: Policy) -> int:
+    return 3 if (policy.cpu_attention or policy.weights[2] > 0) else 2
 
 
 def _hint(tier: Tier, plan: Plan) -> str:
@@ -352,10 +362,11 @@ def build_plan(spec: ModelSpec, policy: Policy, workload: Workload | None, dtype
     cache_split = SeqSplit.of(policy.gpu_batch_size, policy.cache)
     act_split = SeqSplit.of(policy.gpu_batch_size, policy.acts)
     plan = Plan(spec, policy, dtype_bytes, device_type, workload, layers, arenas, staging, cache_split, act_split)
-    gpu: dict[str, int] = {"weights.home": arenas[Tier.GPU], "weights.slots": 2 * plan.slot_bytes}
+    slots = plan.weight_slots
+    gpu: dict[str, int] = {"weights.home": arenas[Tier.GPU], "weights.slots": slots * plan.slot_bytes}
     if policy.compress_weights:
         gpu["weights.dequant"] = plan.dequant_bytes
-    cpu: dict[str, int] = {"weights.home": arenas[Tier.CPU], "weights.staging": 2 * staging if staging else 0}
+    cpu: dict[str, int] = {"weights.home": arenas[Tier.CPU], "weights.staging": slots * staging if staging else 0}
     disk: dict[str, int] = {"weights.home": arenas[Tier.DISK]}
     if workload is not None:
         _plan_cache_and_acts(plan, workload, gpu, cpu, disk)

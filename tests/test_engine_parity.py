@@ -23,6 +23,11 @@ POLICIES = {
     "acts_disk": Policy(2, 3, acts=(0, 0, 1)),
     "mixed_fractions": Policy(2, 3, weights=(0.3, 0.5, 0.2), cache=(0.3, 0.5, 0.2), acts=(0.3, 0.5, 0.2)),
     "ngb1": Policy(5, 1, weights=(0.5, 0.5, 0), cache=(0.4, 0.6, 0)),
+    # one GPU batch with activations off the device: the next step's input is this step's output
+    "ngb1_acts_cpu": Policy(5, 1, acts=(0, 1, 0)),
+    "ngb1_acts_mixed_disk": Policy(4, 1, weights=(0.5, 0.3, 0.2), acts=(0.5, 0.25, 0.25)),
+    # three weight slots (delegated attention or disk weights) with one GPU batch
+    "ngb1_three_slots": Policy(3, 1, weights=(0.2, 0.4, 0.4), cache=(0, 1, 0), cpu_attention=True),
     "ngb3_gbs1": Policy(1, 3, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0)),
     "no_overlap": Policy(2, 3, weights=(0.3, 0.5, 0.2), cache=(0.3, 0.5, 0.2), acts=(0, 0.5, 0.5), overlap=False),
     "cpu_attention": Policy(2, 3, cache=(0, 0.5, 0.5), cpu_attention=True),

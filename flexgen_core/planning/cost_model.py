@@ -21,7 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from flexgen_core.plan import ALIGN, CACHE_QUANT, PIECE_ALIGN, WEIGHT_QUANT, MemoryBudget, Plan, Workload, build_plan
+from flexgen_core.plan import (
+    ALIGN,
+    CACHE_QUANT,
+    PIECE_ALIGN,
+    WEIGHT_QUANT,
+    MemoryBudget,
+    Plan,
+    Workload,
+    build_plan,
+    weight_slots,
+)
 from flexgen_core.planning.hardware import HardwareProfile
 from flexgen_core.planning.linear import Linear, policy_point
 from flexgen_core.policy import TIERS, Policy, Tier
@@ -237,12 +247,13 @@ class CostModel:
         out = weights + self.vector_bytes + self.pieces * (pad + unit_rows * self.max_row_bytes * self.weight_ratio)
         out = out + Linear.of("cache", tier.value, coef=homes * b * kv_seq) + homes * ALIGN
         act_seq = s * h * db
+        slots = weight_slots(p)
         if tier == Tier.GPU:
             if p.compress_weights:
-                out = out + 2 * Linear.of("weights", "cpu", "disk", coef=self.max_layer_bytes * self.weight_ratio)
+                out = out + slots * Linear.of("weights", "cpu", "disk", coef=self.max_layer_bytes * self.weight_ratio)
                 out = out + self.max_layer_elems * db
             elif not weights_resident:
-                out = out + 2 * self.max_layer_bytes  # two weight slots
+                out = out + slots * self.max_layer_bytes  # the weight slots
             if not p.cpu_attention:
                 out = out + Linear.of("cache", "cpu", "disk", coef=4 * b * kv_seq) + 8 * ALIGN
             if p.compress_cache:
@@ -252,8 +263,8 @@ class CostModel:
 
             out = out + workspace_bytes(spec, b, s, T, db, self.profile.device_type)
         elif tier == Tier.CPU:
-            out = out + 2 * Linear.of("weights", "disk", coef=self.max_layer_bytes * self.weight_ratio)
-            out = out + 2 * self.pieces * ALIGN
+            out = out + slots * Linear.of("weights", "disk", coef=self.max_layer_bytes * self.weight_ratio)
+            out = out + slots * self.pieces * ALIGN
             out = out + Linear.of("cache", "disk", coef=4 * b * kv_seq) + 4 * ALIGN
             if p.cpu_attention:
                 per_seq = 2 * spec.num_heads * T * 4 + (2 * T * h * 4 if p.compress_cache else 0)

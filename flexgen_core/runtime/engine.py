@@ -27,7 +27,7 @@ from flexgen_core.runtime.block import BatchState, Sampler, make_batch, normaliz
 from flexgen_core.runtime.checkpoint import Checkpoint
 from flexgen_core.runtime.kv_cache import KVCache
 from flexgen_core.runtime.memory import OffloadDir
-from flexgen_core.runtime.schedule import zigzag
+from flexgen_core.runtime.schedule import prologue, zigzag
 from flexgen_core.runtime.transfer import Transfer
 from flexgen_core.runtime.weights import WeightStore
 from flexgen_core.spec import LayerKind, ModelSpec
@@ -296,21 +296,28 @@ class Engine:
         any_stops = bool((torch.cat([b.stop_ids for b in batches]) >= 0).any()) if sampler else False
         stats.blocks += 1
         start = time.perf_counter()
+        slots = self.plan.weight_slots
         if overlap:
-            self.weights.prefetch(0, 0)
+            for layer, slot in prologue(n_tokens, num_layers, slots):
+                self.weights.prefetch(layer, slot)
         w: dict[str, torch.Tensor] = {}
         done_tokens = n_tokens
         timing = self.step_timing
         mark = time.perf_counter()
-        for step in zigzag(n_tokens, num_layers, len(batches)):
+        for step in zigzag(n_tokens, num_layers, len(batches), slots):
+            # the next step's activations come from this step when it is the same GPU batch (one batch per
+            # block): request them after this step's compute, not before
+            late_acts = step.next_step is not None and step.next_step[2] == step.batch
             if overlap:
-                if step.prefetch_layer is not None:
-                    self.weights.prefetch(step.prefetch_layer, 1 - step.weight_slot)
+                for layer, slot in step.prefetch:
+                    self.weights.prefetch(layer, slot)
                 if step.next_step is not None:
-                    self._prefetch_inputs(batches, *step.next_step)
+                    self._prefetch_inputs(batches, *step.next_step, acts=not late_acts)
             if step.batch == 0:
                 w = self.weights.materialize(step.layer, step.weight_slot)
             self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
+            if overlap and late_acts:
+                self._prefetch_inputs(batches, *step.next_step, cache=False)  # type: ignore[misc]
             if timing:
                 self._sync()
                 now = time.perf_counter()
@@ -338,12 +345,13 @@ class Engine:
             stats.decode_s += time.perf_counter() - start
         return done_tokens
 
-    def _prefetch_inputs(self, batches: list[BatchState], token: int, layer: int, batch: int) -> None:
+    def _prefetch_inputs(self, batches: list[BatchState], token: int, layer: int, batch: int, cache: bool = True,
+                         acts: bool = True) -> None:
         kind = self.plan.layers[layer].spec.kind
         b = batches[batch]
-        if kind == LayerKind.ATTN and token > 0 and self._cache is not None:
+        if cache and kind == LayerKind.ATTN and token > 0 and self._cache is not None:
             self._cache.prefetch((layer - 1) // 2, batch, b.prompt_len + token - 1)
-        if kind != LayerKind.EMBED and self._acts is not None:
+        if acts and kind != LayerKind.EMBED and self._acts is not None:
             self._acts.prefetch(batch, b.rows, b.prompt_len if token == 0 else 1)
 
     def _hidden_in(self, b: BatchState, batch: int, token: int) -> torch.Tensor:

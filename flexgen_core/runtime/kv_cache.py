@@ -78,6 +78,14 @@ class SegmentLayout:
         return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
 
 
+def _quantize_kv(x: torch.Tensor, where: str) -> PackedTensor:
+    try:
+        return quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in the KV cache at {where}; the activations overflowed: run in bfloat16 or "
+                         "float32 (--dtype), or leave the cache uncompressed") from exc
+
+
 def _dense(x: torch.Tensor | PackedTensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_moved(x, dtype) if isinstance(x, PackedTensor) else x
 
@@ -179,7 +187,7 @@ class KVCache:
             layout = self._layout(r1 - r0)
             regions = layout.regions(start, start + k.shape[0])
             for kv, x in enumerate((k, v)):
-                data = layout.encode(x[:, r0:r1])
+                data = self._encode(layout, x[:, r0:r1], block, batch, start)
                 if tier == Tier.GPU:
                     raw = self._home_raw(tier, block, batch, kv)
                     for (off, n), d in zip(regions, data, strict=True):
@@ -192,6 +200,15 @@ class KVCache:
                     tickets.append(self.transfer.copy(pairs, after=[mark], store=True))
                 else:
                     tickets.append(self._disk_store(block, batch, kv, regions, data, mark))
+
+    @staticmethod
+    def _encode(layout: SegmentLayout, x: torch.Tensor, block: int, batch: int, start: int) -> list[torch.Tensor]:
+        try:
+            return layout.encode(x)
+        except ValueError as exc:  # name the place: non-finite K/V means the model overflowed its dtype
+            raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, positions "
+                             f"{start}..{start + x.shape[0] - 1}; the activations overflowed: run in bfloat16 or "
+                             "float32 (--dtype), or leave the cache uncompressed") from exc
 
     def _disk_store(self, block: int, batch: int, kv: int, regions: list[tuple[int, int]],
                     data: list[torch.Tensor], mark: Ticket) -> Ticket:
@@ -278,7 +295,7 @@ class KVCache:
         for raw, x in pairs:
             dst = layout.view(raw, t + 1)
             if isinstance(dst, PackedTensor):
-                p = quantize(x[None], CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
+                p = _quantize_kv(x[None], f"decode position {t}")
                 dst.codes[t].copy_(p.codes[0])
                 dst.scales[t].copy_(p.scales[0])
             else:

@@ -2,9 +2,11 @@
 
 For a block of `num_batches` GPU batches, the steps run token by token, layer by layer, and inside a
 layer over the GPU batches, so a layer's weights are loaded once per token and reused by every batch.
-Each step names what to prefetch while it computes: the next layer's weights (issued at the layer's
-first batch, into the other of two weight slots) and the inputs (KV cache prefix, activations) of the
-next step. All index wrap-around lives here.
+Weights stream through `slots` device slots used round robin; at a layer's first batch the schedule asks
+for the next `slots - 1` layers' weights (each into its own slot, issued as soon as that slot's previous
+layer is done), so with three slots the weights two layers ahead load while a long layer step (CPU-delegated
+attention, a blocking disk read) runs. Each step also names the next step, whose inputs (KV cache prefix,
+activations) load while it computes. All index wrap-around lives here.
 """
 
 from __future__ import annotations
@@ -20,21 +22,29 @@ class Step:
     batch: int
     weight_slot: int  # device slot holding this layer's weights
     last_batch: bool  # last use of this layer's weights in this token: release the slot after it
-    prefetch_layer: int | None  # layer whose weights start loading during this step
+    prefetch: tuple[tuple[int, int], ...]  # (layer, slot) whose weights start loading during this step
     next_step: tuple[int, int, int] | None  # (token, layer, batch) whose inputs start loading now
 
 
-def weight_slot(token: int, layer: int, num_layers: int) -> int:
-    return (token * num_layers + layer) % 2
+def weight_slot(token: int, layer: int, num_layers: int, slots: int = 2) -> int:
+    return (token * num_layers + layer) % slots
 
 
-def zigzag(num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Step]:
+def prologue(num_tokens: int, num_layers: int, slots: int = 2) -> tuple[tuple[int, int], ...]:
+    """(layer, slot) of token 0 to request before the first step: the first `slots - 1` layers."""
+    total = num_tokens * num_layers
+    return tuple((g % num_layers, g % slots) for g in range(min(slots - 1, total)))
+
+
+def zigzag(num_tokens: int, num_layers: int, num_batches: int, slots: int = 2) -> Iterator[Step]:
     """Steps of one block: token -> layer -> GPU batch."""
-    if min(num_tokens, num_layers, num_batches) < 1:
-        raise ValueError("num_tokens, num_layers and num_batches must be >= 1")
+    if min(num_tokens, num_layers, num_batches) < 1 or slots < 2:
+        raise ValueError("num_tokens, num_layers and num_batches must be >= 1, slots >= 2")
+    total = num_tokens * num_layers
     for i in range(num_tokens):
         for j in range(num_layers):
-            has_next_layer = j + 1 < num_layers or i + 1 < num_tokens
+            g = i * num_layers + j  # global layer-step index
+            ahead = tuple(((g + d) % num_layers, (g + d) % slots) for d in range(1, slots) if g + d < total)
             for k in range(num_batches):
                 if k + 1 < num_batches:
                     nxt: tuple[int, int, int] | None = (i, j, k + 1)
@@ -44,7 +54,4 @@ def zigzag(num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Step]
                     nxt = (i + 1, 0, 0)
                 else:
                     nxt = None
-                prefetch = None
-                if k == 0 and has_next_layer:
-                    prefetch = (j + 1) % num_layers
-                yield Step(i, j, k, weight_slot(i, j, num_layers), k == num_batches - 1, prefetch, nxt)
+                yield Step(i, j, k, g % slots, k == num_batches - 1, ahead if k == 0 else (), nxt)

@@ -1,8 +1,8 @@
-"""Weight homes on the three tiers, and per-layer loading into the compute device's double-buffered slots.
+"""Weight homes on the three tiers, and per-layer loading into the compute device's rotating slots.
 
 `WeightStore` allocates one arena per tier exactly as the Plan sized it, writes each tensor's row pieces
 (quantized once, on the compute device, when weights are compressed) to the offsets the Plan chose, and
-at run time streams a layer's non-resident pieces into one of two device slots: CPU pieces by async
+at run time streams a layer's non-resident pieces into one of the device slots: CPU pieces by async
 copies from pinned memory, disk pieces by background reads into pinned staging and then a copy.
 `materialize` gives the layer's tensors as device views; compressed matrices are dequantized into one
 reused buffer, once per layer and block, shared by all GPU batches.
@@ -32,14 +32,15 @@ class WeightStore:
                        if arenas[Tier.CPU] else None),
             Tier.DISK: DiskArena(offload, "weights", arenas[Tier.DISK]) if arenas[Tier.DISK] else None,
         }
-        self.slots = [DeviceArena(plan.slot_bytes, device, f"weights.slot{i}") for i in range(2)]
+        n = plan.weight_slots
+        self.slots = [DeviceArena(plan.slot_bytes, device, f"weights.slot{i}") for i in range(n)]
         self.staging = ([HostArena(plan.weight_staging_bytes, pin=cuda, name=f"weights.staging{i}")
-                         for i in range(2)] if plan.weight_staging_bytes else [])
+                         for i in range(n)] if plan.weight_staging_bytes else [])
         self.dequant = DeviceArena(plan.dequant_bytes, device, "weights.dequant") if plan.dequant_bytes else None
-        self._slot_free: list[Ticket] = [DONE, DONE]
-        self._staging_free: list[Ticket] = [DONE, DONE]
-        self._loaded: list[int | None] = [None, None]
-        self._tickets: list[Ticket] = [DONE, DONE]
+        self._slot_free: list[Ticket] = [DONE] * n
+        self._staging_free: list[Ticket] = [DONE] * n
+        self._loaded: list[int | None] = [None] * n
+        self._tickets: list[Ticket] = [DONE] * n
         self._written: set[tuple[int, str]] = set()
         self._views: dict[tuple[int, int], tuple[dict[str, torch.Tensor], list[tuple[PackedTensor, torch.Tensor]]]] = {}
 
@@ -82,7 +83,7 @@ class WeightStore:
 
     # ---- streaming (run time) ------------------------------------------------------------------
     def prefetch(self, layer: int, slot: int) -> Ticket:
-        """Start copying `layer`'s non-resident pieces into device slot `slot` (0 or 1)."""
+        """Start copying `layer`'s non-resident pieces into device slot `slot`."""
         if self._loaded[slot] == layer:
             return self._tickets[slot]
         lay = self.plan.layers[layer]
