@@ -134,7 +134,12 @@ class _Prober:
 
     def cpu_attention_gflops(self) -> float:
         from flexgen_core.runtime import layers
+        from flexgen_core.runtime.kernels import native_module
         from flexgen_core.runtime.kv_cache import CPU_CHUNK
+
+        # build the native kernel first (tens of seconds the first time on a machine), so the timing measures
+        # the path the engine will run, and say which one it was
+        self.cpu_attention_path = "native kernel" if native_module() is not None else "torch fallback (no compiler)"
 
         b, nh, t_len, d = (16, 32, 544, 128) if self.cuda else (4, 8, 128 if self.quick else 512, 64)
         cache_dtype = self.dtype  # the engine keeps the CPU cache in its compute dtype
@@ -213,7 +218,8 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             gpu_memory_gib=round(gpu_total, 2), cpu_memory_gib=round(psutil.virtual_memory().total / GIB, 2),
             disk_gib=round(disk_free, 1), disk_read_gbps=round(read, 3), disk_write_gbps=round(write, 3),
             disk_page_cache=state, notes=f"measured by flexgen profile on {time.strftime('%Y-%m-%d')}, "
-                                         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+                                         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+                                         f"CPU attention: {getattr(p, 'cpu_attention_path', 'unknown')}",
             **{k: round(v, 3) for k, v in results.items()})
     finally:
         if tmp is not None:

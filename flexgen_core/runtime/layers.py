@@ -77,7 +77,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: 
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril_()
     mask = causal[None, None] & valid[:, None, None, :]  # (b, 1, s, s)
     mask |= torch.eye(s, dtype=torch.bool, device=q.device)[None, None]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if q.is_cuda:  # never cuDNN, which builds a plan per shape (see decode_attention)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out = F.scaled_dot_product_attention(*args, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(*args, attn_mask=mask)
     return out.transpose(1, 2)  # (b, nh, s, d) -> (b, s, nh, d)
 
 
