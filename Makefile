@@ -23,11 +23,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) scripts/make_demo_model.py build/demo-model
-	$(VENV)/bin/flexgen generate --model build/demo-model --prompt-ids 5,6,7,8 11,12 --max-new-tokens 8 \
-		--weights 0.5,0.3,0.2 --cache 0,1,0 --gpu-batch-size 2 --offload-dir build/offload
-	$(VENV)/bin/flexgen bench --model build/demo-model --prompt-len 64 --gen-len 16 --gpu-batch-size 4 \
-		--num-gpu-batches 2 --weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --offload-dir build/offload
+	$(VENV)/bin/flexgen eval synthetic_reasoning:mode=pattern_match --max-eval-instances 100
 
 test: venv
 	$(PY) -m ruff check .

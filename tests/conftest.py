@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,61 @@ def offload_dir(tmp_path: Path) -> Path:
     d = tmp_path / "offload"
     d.mkdir()
     return d
+
+
+def make_eval_model(path: Path, vocab_size: int = 400, max_positions: int = 256, **overrides: object) -> Path:
+    """Tiny random OPT + tokenizer.json (byte-level BPE trained on the procedural scenarios' text): a stand-in
+    for the shipped tiny model that the evaluation (which tokenizes prompts) can run."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from flexgen_core.evaluation.scenarios import get_scenario
+
+    corpus = [inst.input.text + " " + inst.references[0].output.text
+              for inst in get_scenario("synthetic_reasoning", mode="pattern_match").get_instances()[:300]]
+    corpus += [f"Question: Is {n} even or odd?\nA. Even\nB. Odd\nAnswer: B" for n in range(10, 100)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    make_opt(path, vocab_size=bpe.get_vocab_size(), max_position_embeddings=max_positions, **overrides)
+    bpe.save(str(path / "tokenizer.json"))
+    return path
+
+
+# ---- Prefect (flows tests) --------------------------------------------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point Prefect at a per-session home (DB, results) before anything imports it; analytics off."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="flexgen-test-prefect-"))
+    config._flexgen_prefect_home = home  # type: ignore[attr-defined]
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    os.environ["FLEXGEN_CACHE_DIR"] = str(home / "flexgen-cache")
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE"):
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    home = getattr(config, "_flexgen_prefect_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server and database for the whole session (started on first use)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def eval_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory the evaluation can run: tiny random OPT (window 256) + tokenizer.json."""
+    return make_eval_model(tmp_path_factory.mktemp("eval_model") / "tiny-eval")
