@@ -57,8 +57,11 @@ def evaluate(evaluation: EvaluateParams,
                 for e in entries]
         workload = workload_of(runs)
         budget = engine.budget_kwargs()
+        # blocks of at most a quarter of the requests: at least four durable chunks to resume from
+        requests = sum(len(run.requests) for run in runs)
         planned = choose_eval_policy(ev.model, workload, engine.given_policy(), engine.fixed_fields(),
-                                     engine.hardware_profile(), device, dtype, budget, engine.memory_margin)
+                                     engine.hardware_profile(), device, dtype, budget, engine.memory_margin,
+                                     max(1, -(-requests // 4)))
         check_fits(ev.model, planned.policy, workload, device, dtype, budget)
         with ExitStack() as stack:
             stores = {run.run_dir: stack.enter_context(RunStore(run.run_dir)) for run in runs}

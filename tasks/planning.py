@@ -59,8 +59,9 @@ def _estimate(model: str, policy: Policy, workload: tuple[int, int], profile: Ha
 @task(name="choose-policy")
 def choose_eval_policy(model: str, workload: tuple[int, int], given: Policy | None, fixed: Mapping[str, Any],
                        profile: HardwareProfile | None, device: str, dtype: str | None, budget: Mapping[str, Any],
-                       margin: float) -> PlannedPolicy:
-    """The given policy, or the LP's best for (max prompt tokens, max new tokens) on this machine."""
+                       margin: float, max_block_size: int | None = None) -> PlannedPolicy:
+    """The given policy, or the LP's best for (max prompt tokens, max new tokens) on this machine, with blocks
+    of at most `max_block_size` sequences."""
     log = get_run_logger()
     if given is not None:
         planned = PlannedPolicy(given, "file", _estimate(model, given, workload, profile, device, dtype), fixed)
@@ -68,7 +69,7 @@ def choose_eval_policy(model: str, workload: tuple[int, int], given: Policy | No
         from flexgen_core.planning.auto import choose_policy
 
         found = choose_policy(model, *workload, dtype=_torch_dtype(dtype), profile=profile, fixed=dict(fixed),
-                              margin=margin, **{**budget, "device": device})
+                              margin=margin, max_block_size=max_block_size, **{**budget, "device": device})
         planned = PlannedPolicy(found.policy, "auto", found.estimate.throughput_tok_s, fixed)
         log.info(f"LP: {found.lp_solves} solves with {found.solver} in {found.elapsed_s:.1f} s")
     predicted = f"{planned.predicted_tok_s:.1f} tok/s" if planned.predicted_tok_s else "no profile"

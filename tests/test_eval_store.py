@@ -317,3 +317,10 @@ def test_a_file_that_is_not_a_run_store_is_refused(tmp_path: Path) -> None:
     for _ in range(2):  # the failed open released the writer lock: the second attempt is not StoreLockedError
         with pytest.raises(RuntimeError, match="not a run store"):
             RunStore(tmp_path)
+
+
+def test_nan_results_are_refused_and_nothing_of_the_chunk_is_stored(tmp_path: Path) -> None:
+    with RunStore(tmp_path) as store:
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            store.put_chunk({"a": {"success": True, "logprob": -1.0}, "b": {"success": True, "logprob": float("nan")}})
+        assert len(store) == 0 and not store.has("a")

@@ -13,7 +13,7 @@ from flexgen_core.plan import MemoryBudget, Workload, build_plan
 from flexgen_core.planning.cost_model import CostModel, budget_of, estimate, realized_point
 from flexgen_core.planning.hardware import GIB, HardwareProfile, ProfileError, resolve_profile
 from flexgen_core.planning.policy_search import PolicySearchError, search_policy
-from flexgen_core.policy import TIERS, Policy
+from flexgen_core.policy import TIERS, Policy, PolicyError
 from flexgen_core.spec import ModelSpec
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -205,3 +205,10 @@ def test_policy_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["policy"]["gpu_batch_size"] == 48 and out["search"] is None
     expected = estimate(builtin_spec("opt-30b"), PAPER["opt-30b"][0], W512, T4).throughput_tok_s
     assert out["predicted"]["throughput_tok_s"] == pytest.approx(expected)
+
+
+def test_search_respects_max_block_size() -> None:
+    result = search_policy(builtin_spec("opt-1.3b"), W512, T4, budget_of(T4, margin=0.05), max_block_size=24)
+    assert result.policy.block_size <= 24
+    with pytest.raises(PolicyError, match="max_block_size"):
+        search_policy(builtin_spec("opt-1.3b"), W512, T4, budget_of(T4), max_block_size=0)

@@ -271,9 +271,12 @@ def _encoded(results: Mapping[str, Mapping[str, Any]], chunk_id: int) -> Iterato
         if result.get("success") is False:
             raise ValueError(f"result for {key} has success=False; failed requests are not stored, so a rerun "
                              "retries them")
-        try:
-            text = json.dumps(result, sort_keys=True)
-        except (TypeError, ValueError) as e:
+        try:  # allow_nan=False: a NaN log-prob means the model overflowed; storing it would poison scoring
+            text = json.dumps(result, sort_keys=True, allow_nan=False)
+        except ValueError as e:
+            raise ValueError(f"result for {key} contains NaN or infinity (the model overflowed its dtype); it is "
+                             "not stored, so a rerun retries it") from e
+        except TypeError as e:
             raise TypeError(f"result for {key} is not JSON-serializable: {e}") from e
         yield key, chunk_id, text
 

@@ -48,7 +48,8 @@ def choose_policy(model: str | Path, prompt_len: int, gen_len: int, *, device: s
                   dummy: bool = False, dtype: Any = None, profile: str | Path | HardwareProfile | None = None,
                   offload_dir: str | Path | None = None, gpu_mem_gib: float | None = None,
                   cpu_mem_gib: float | None = None, disk_gib: float | None = None,
-                  fixed: dict[str, Any] | None = None, margin: float = DEFAULT_MARGIN) -> SearchResult:
+                  fixed: dict[str, Any] | None = None, margin: float = DEFAULT_MARGIN,
+                  max_block_size: int | None = None) -> SearchResult:
     """The LP's best policy for `model` on this machine, for prompts up to `prompt_len` and `gen_len` new tokens."""
     import torch
 
@@ -72,7 +73,7 @@ def choose_policy(model: str | Path, prompt_len: int, gen_len: int, *, device: s
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     budget = _shrink(memory_budget(dev, OffloadDir(offload_dir), gpu_mem_gib, cpu_mem_gib, disk_gib), margin)
     return search_policy(spec, Workload(prompt_len, gen_len), prof, budget, fixed=fixed,
-                         dtype_bytes=dtype.itemsize)
+                         max_block_size=max_block_size, dtype_bytes=dtype.itemsize)
 
 
 def auto_policy(args: argparse.Namespace, prompt_len: int, gen_len: int, fixed: dict[str, Any]) -> Policy:

@@ -179,11 +179,12 @@ def _shape_ladder(limit: int) -> list[int]:
 
 def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile, budget: MemoryBudget,
                   fixed: dict[str, Any] | None = None, time_limit_s: float = 10.0, max_gpu_batch_size: int = 512,
-                  max_num_gpu_batches: int = 256, dtype_bytes: int | None = None,
+                  max_num_gpu_batches: int = 256, max_block_size: int | None = None, dtype_bytes: int | None = None,
                   log: Callable[[str], None] | None = None) -> SearchResult:
     """The fastest policy whose exact plan fits `budget` (see the module docstring).
 
     fixed: Policy fields the search must keep (e.g. {"compress_weights": True, "cache": (0, 1, 0)}).
+    max_block_size: largest gpu_batch_size * num_gpu_batches worth planning (e.g. the number of requests).
     Compression and sparsity change accuracy, so they are off unless fixed; cpu_attention is searched.
     """
     started = time.perf_counter()
@@ -222,6 +223,10 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
                     best = (solved[0], solved[1], s, resident)
         return best
 
+    if max_block_size is not None:
+        if max_block_size < 1:
+            raise PolicyError(f"max_block_size must be >= 1, got {max_block_size}")
+        max_gpu_batch_size = min(max_gpu_batch_size, max_block_size)
     gbs_list = ([fixed["gpu_batch_size"]] if "gpu_batch_size" in fixed
                 else [2 ** i for i in range(int(math.log2(max_gpu_batch_size)) + 1)])
     results: list[tuple[float, Policy, dict[str, float], bool]] = []
@@ -234,10 +239,12 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
                 if results:
                     break
                 continue
+            ngb_cap = max_num_gpu_batches if max_block_size is None else max(1, min(max_num_gpu_batches,
+                                                                                   max_block_size // gbs))
             lo, hi = 1, 2
-            while hi <= max_num_gpu_batches and best_for(gbs, hi) is not None:
+            while hi <= ngb_cap and best_for(gbs, hi) is not None:
                 lo, hi = hi, hi * 2
-            hi = min(hi, max_num_gpu_batches + 1)
+            hi = min(hi, ngb_cap + 1)
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if best_for(gbs, mid) is not None else (lo, mid)
