@@ -2,7 +2,9 @@
 
 Prompts are random token ids of exactly `prompt_len` tokens (no padding), one or more full blocks. A
 warm-up call runs first on the same engine; the measured call's prefill and decode are timed
-separately (wall clock, device synchronized), never projected from a shortened run.
+separately (wall clock, device synchronized), never projected from a shortened run. In pipeline mode
+(`--nproc N`, one process per stage) every rank runs this; the timings are the last stage's (where tokens
+are produced), and the result lists every stage's slice, policy and memory.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         policy, spec = engine.policy, engine.spec
         engine.reserve(args.prompt_len, args.gen_len)
         engine.step_timing = getattr(args, "step_timing", False)
-        prompts = synthetic_prompts(policy.block_size * args.num_blocks, args.prompt_len, spec.vocab_size, args.seed)
+        in_flight = getattr(engine, "micro_batches", 1)  # pipeline: every micro-batch in flight is a block
+        prompts = synthetic_prompts(policy.block_size * in_flight * args.num_blocks, args.prompt_len, spec.vocab_size,
+                                    args.seed)
         for _ in range(args.warmup):
             engine.generate([p[:min(8, args.prompt_len)] for p in prompts[:policy.block_size]], 2)
         start = time.perf_counter()
@@ -62,10 +66,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             steps = {"prefill": args.num_blocks, "decode": args.num_blocks * max(args.gen_len - 1, 1)}
             result["measured_step_s"] = {ph: {k: v / (counts[k] * steps[ph]) for k, v in kinds.items()}
                                          for ph, kinds in st.step_s.items()}
-        result.update(_prediction(args, engine))
+        if getattr(args, "nproc", 1) > 1:
+            result.update(_stages(engine))
+        else:
+            result.update(_prediction(args, engine))
         if getattr(args, "print_tokens", False):
             result["tokens"] = [g.token_ids for g in gens]
     return result
+
+
+def _stages(engine: Any) -> dict[str, Any]:
+    """Every stage's slice, policy and memory (a collective: every rank calls it)."""
+    plan = engine.run_plan
+    mine = {"stage": engine.stage.stage, "slice": engine.stage.describe(), "policy_str": engine.policy.describe(),
+            "plan_bytes": {t.value: b for t, b in plan.bytes_per_tier().items()},
+            "weight_bytes": {t.value: plan.weight_arena_bytes_unpadded(t) for t in TIERS},
+            "peak_bytes": engine.last_stats.peak_bytes}
+    stages = engine.group.all_gather_object(mine, "collecting the stages' reports")
+    total = {key: {t.value: sum(st[key][t.value] for st in stages) for t in TIERS} for key in ("plan_bytes",
+                                                                                                "weight_bytes")}
+    weights = sum(total["weight_bytes"].values()) or 1
+    return {"rank": engine.group.rank, "stages": stages, "micro_batches": engine.micro_batches, **total,
+            "weight_fractions": [total["weight_bytes"][t.value] / weights for t in TIERS],
+            "block_size": engine.policy.block_size * engine.micro_batches,
+            "policy_str": f"per stage (micro-batch {engine.policy.gpu_batch_size}x{engine.policy.num_gpu_batches}, "
+                          f"{engine.micro_batches} in flight)"}
 
 
 def _prediction(args: argparse.Namespace, engine: Any) -> dict[str, Any]:

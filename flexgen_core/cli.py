@@ -3,12 +3,15 @@
     flexgen generate --model DIR --prompt "Hello" --max-new-tokens 16
     flexgen bench --model opt-30b --dummy --prompt-len 512 --gen-len 32 --gpu-batch-size 48 \\
         --num-gpu-batches 4 --weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --gpu-mem-gib 16
+    flexgen bench --nproc 2 ...        (pipeline over 2 processes, one per GPU; spawns torchrun)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,11 +84,49 @@ def build_engine(args: argparse.Namespace, prompt_len: int, gen_len: int) -> Any
 
     from flexgen_core.runtime.engine import Engine
 
+    if getattr(args, "nproc", 1) > 1:
+        return build_pipeline_engine(args, prompt_len, gen_len)
+
     policy = resolve_policy(args, prompt_len, gen_len)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return Engine.from_pretrained(args.model, policy=policy, device=args.device, offload_dir=args.offload_dir,
                                   dummy=args.dummy, dtype=dtype, gpu_mem_gib=args.gpu_mem_gib,
                                   cpu_mem_gib=args.cpu_mem_gib, disk_gib=args.disk_gib, seed=args.seed)
+
+
+def build_pipeline_engine(args: argparse.Namespace, prompt_len: int, gen_len: int) -> Any:
+    """This rank's stage (run under torchrun with WORLD_SIZE = --nproc); the budgets are per rank."""
+    import torch
+
+    from flexgen_core.pipeline_plan import AutoPolicy
+    from flexgen_core.plan import Workload
+    from flexgen_core.runtime.pipeline import PipelineEngine
+
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != args.nproc:
+        raise ValueError(f"--nproc {args.nproc} but WORLD_SIZE is {world or 'not set'}: run `flexgen bench --nproc N` "
+                         "(it starts the ranks) or `torchrun --nproc-per-node N -m flexgen_core.cli bench --nproc N`")
+    fixed = fixed_policy_fields(args)
+    if args.policy == "auto":
+        policy: Any = AutoPolicy(Workload(prompt_len, gen_len), getattr(args, "profile", None), fixed,
+                                 getattr(args, "memory_margin", 0.05))
+    elif args.policy:
+        data = json.loads(Path(args.policy).read_text())
+        policy = Policy.from_dict(data.get("policy", data)).with_(**fixed)
+    else:
+        policy = Policy(**fixed)
+    return PipelineEngine.from_pretrained(
+        args.model, policy=policy, device=args.device, offload_dir=args.offload_dir, dummy=args.dummy,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, gpu_mem_gib=args.gpu_mem_gib,
+        cpu_mem_gib=args.cpu_mem_gib, disk_gib=args.disk_gib, seed=args.seed, micro_batches=args.micro_batches,
+        timeout_s=args.timeout_s)
+
+
+def launch_ranks(nproc: int, argv: Sequence[str]) -> int:
+    """Run this command as `nproc` ranks under torchrun on this machine (rank 0 prints)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "--", "flexgen_core.cli", *argv]  # "--": torchrun must not parse our --nproc
+    return subprocess.run(cmd, check=False).returncode
 
 
 def resolve_policy(args: argparse.Namespace, prompt_len: int, gen_len: int) -> Policy:
@@ -137,7 +178,11 @@ def load_tokenizer(model: str) -> Any:
 def cmd_bench(args: argparse.Namespace) -> int:
     from flexgen_core.bench import run_bench
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_ranks(args.nproc, args.argv)
     result = run_bench(args)
+    if result.get("rank", 0) != 0:
+        return 0
     if args.json:
         print(json.dumps(result))
         return 0
@@ -160,11 +205,16 @@ def format_bench(r: dict[str, Any]) -> str:
         f"decode    {r['decode_s']:9.3f} s   {r['decode_tok_s']:10.2f} tokens/s",
         f"total     {r['total_s']:9.3f} s   {r['total_tok_s']:10.2f} tokens/s (generation throughput)",
         "peak memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["peak_bytes"].items()),
-        "planned bytes per tier: " + ", ".join(f"{t} {fmt_bytes(r['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk")),
+        ("planned bytes per tier (all stages): " if r.get("stages") else "planned bytes per tier: ")
+        + ", ".join(f"{t} {fmt_bytes(r['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk")),
         "weights placed: " + ", ".join(f"{t.value} {fmt_bytes(r['weight_bytes'][t.value])} "
                                        f"({r['weight_fractions'][i]:.1%})" for i, t in enumerate(TIERS)),
         f"disk reads bypass the page cache: {r['disk_direct']}",
     ]
+    for st in r.get("stages", []):
+        lines.append(f"  stage {st['stage']} (rank {st['stage']}): {st['slice']}; policy {st['policy_str']}; planned "
+                     + ", ".join(f"{t} {fmt_bytes(st['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk"))
+                     + "; peak " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in st["peak_bytes"].items()))
     if r.get("measured_step_s"):
         pred = r.get("predicted_breakdown", {})
         lines.append("measured seconds per layer step (predicted):")
@@ -176,6 +226,8 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"cost model ({r['profile']}): predicted {r['predicted_tok_s']:.2f} tokens/s, I/O-or-compute "
                      f"bound {r['bound_tok_s']:.2f}; measured/predicted {r['measured_over_predicted']:.2f}, "
                      f"measured/bound {r['measured_over_bound']:.2f}")
+    for tokens in r.get("tokens", []):
+        lines.append("tokens: " + " ".join(str(t) for t in tokens))
     return "\n".join(lines)
 
 
@@ -207,6 +259,12 @@ def _register_core(sub: Any) -> None:
     b.add_argument("--warmup", type=int, default=1, help="warm-up generate calls before measuring")
     b.add_argument("--print-tokens", action="store_true", help="print generated ids, one 'tokens:' line per sequence")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--nproc", type=int, default=1,
+                   help="pipeline stages, one process each (one per GPU); > 1 starts the ranks with torchrun")
+    b.add_argument("--micro-batches", type=int, default=None,
+                   help="pipeline: blocks in flight (default: --nproc)")
+    b.add_argument("--timeout-s", type=float, default=600.0,
+                   help="pipeline: longest wait for another rank before every rank stops with an error")
     b.add_argument("--step-timing", action="store_true",
                    help="diagnostic: synchronize and time every layer step (slower; compare with the cost model)")
     add_policy_flags(b)
@@ -242,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     started = time.perf_counter()
     try:
         code = args.func(args)

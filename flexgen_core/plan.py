@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from flexgen_core.policy import TIERS, Policy, Split, Tier, split_count
 from flexgen_core.quant import QuantConfig, packed_nbytes
-from flexgen_core.spec import LayerSpec, ModelSpec, TensorSpec, cache_len, layer_specs
+from flexgen_core.spec import LayerKind, LayerSpec, ModelSpec, TensorSpec, cache_len, stage_layer_specs
 
 ALIGN = 4096  # arena regions (disk reads may bypass the page cache, which needs page alignment)
 PIECE_ALIGN = 64
@@ -161,6 +161,32 @@ class Plan:
     cache_split: SeqSplit
     act_split: SeqSplit
     usage: dict[Tier, dict[str, int]] = field(default_factory=dict)
+    layer_start: int = 0  # schedule index of layers[0] (a pipeline stage plans a slice of the layers)
+
+    # ---- the layers this plan holds ------------------------------------------------------------
+    def layer(self, index: int) -> LayerPlacement:
+        """Placement of schedule layer `index` (a schedule index, not a position in `layers`)."""
+        pos = index - self.layer_start
+        if not 0 <= pos < len(self.layers):
+            raise IndexError(f"schedule layer {index} is not in this plan's layers "
+                             f"[{self.layer_start}, {self.layer_start + len(self.layers)})")
+        return self.layers[pos]
+
+    @property
+    def blocks(self) -> range:
+        """Transformer blocks whose attention layer (and so KV cache) this plan holds."""
+        attn = [lay.spec.block for lay in self.layers if lay.spec.kind == LayerKind.ATTN]
+        return range(attn[0], attn[-1] + 1) if attn else range(0)
+
+    def storage_map(self) -> dict[tuple[int, str], list[int]]:
+        """Checkpoint tensor (schedule layer, name) -> the layers of this plan that store it: the layer itself
+        when this plan holds it, and a layer holding its own copy of a tensor tied to another stage's layer."""
+        out: dict[tuple[int, str], list[int]] = {}
+        for lay in self.layers:
+            for t in lay.spec.owned:
+                origin = lay.spec.index if t.copy_of is None else t.copy_of
+                out.setdefault((origin, t.name), []).append(lay.spec.index)
+        return out
 
     # ---- sizes the runtime allocates -------------------------------------------------------
     @property
@@ -281,12 +307,13 @@ def _piece_size(t: TensorSpec, start: int, stop: int, dtype_bytes: int, packed: 
     return align(codes) + scales, codes, shape
 
 
-def _place_weights(spec: ModelSpec, policy: Policy, dtype_bytes: int
+def _place_weights(spec: ModelSpec, policy: Policy, dtype_bytes: int, layers: tuple[int, int]
                    ) -> tuple[list[LayerPlacement], dict[Tier, int], int]:
     offsets = {tier: 0 for tier in TIERS}
     placements: list[LayerPlacement] = []
     max_disk_region = 0
-    for lspec in layer_specs(spec):
+    first = layers[0]
+    for lspec in stage_layer_specs(spec, *layers):
         tensors: list[TensorPlacement] = []
         slot = 0
         dequant = 0
@@ -294,7 +321,7 @@ def _place_weights(spec: ModelSpec, policy: Policy, dtype_bytes: int
         for t in lspec.tensors:
             packed = policy.compress_weights and t.is_matrix
             if t.shared_from is not None:
-                owner = placements[t.shared_from].tensor(t.name)
+                owner = placements[t.shared_from - first].tensor(t.name)
                 pieces_src = owner.pieces
             else:
                 pieces_src = None
@@ -353,15 +380,22 @@ def workspace_bytes(spec: ModelSpec, batch: int, prompt_len: int, positions: int
 
 
 def build_plan(spec: ModelSpec, policy: Policy, workload: Workload | None, dtype_bytes: int,
-               device_type: str) -> Plan:
-    """Place weights, cache and activations for `policy`; `workload=None` plans the weights only."""
+               device_type: str, layers: tuple[int, int] | None = None) -> Plan:
+    """Place weights, cache and activations for `policy`; `workload=None` plans the weights only.
+
+    layers: the schedule layers [start, stop) to plan (a pipeline stage's slice); default all of them.
+    """
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
-    layers, arenas, max_disk_region = _place_weights(spec, policy, dtype_bytes)
+    start, stop = layers if layers is not None else (0, spec.num_schedule_layers)
+    if not 0 <= start < stop <= spec.num_schedule_layers:
+        raise ValueError(f"layer range [{start}, {stop}) is not within the {spec.num_schedule_layers} schedule layers")
+    placed, arenas, max_disk_region = _place_weights(spec, policy, dtype_bytes, (start, stop))
     staging = max_disk_region
     cache_split = SeqSplit.of(policy.gpu_batch_size, policy.cache)
     act_split = SeqSplit.of(policy.gpu_batch_size, policy.acts)
-    plan = Plan(spec, policy, dtype_bytes, device_type, workload, layers, arenas, staging, cache_split, act_split)
+    plan = Plan(spec, policy, dtype_bytes, device_type, workload, placed, arenas, staging, cache_split, act_split,
+                layer_start=start)
     slots = plan.weight_slots
     gpu: dict[str, int] = {"weights.home": arenas[Tier.GPU], "weights.slots": slots * plan.slot_bytes}
     if policy.compress_weights:
@@ -378,7 +412,7 @@ def _plan_cache_and_acts(plan: Plan, workload: Workload, gpu: dict[str, int], cp
                          disk: dict[str, int]) -> None:
     spec, policy, db = plan.spec, plan.policy, plan.dtype_bytes
     ngb, gbs = policy.num_gpu_batches, policy.gpu_batch_size
-    layers = spec.num_layers
+    layers = len(plan.blocks)
     T = workload.cache_len
     cs = plan.cache_split
     seg = plan.kv_segment_bytes

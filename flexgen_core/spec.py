@@ -62,11 +62,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One weight tensor of a schedule layer. `shared_from` names the layer that stores a tied tensor."""
+    """One weight tensor of a schedule layer. `shared_from` names the layer that stores a tied tensor;
+    `copy_of` marks a pipeline stage's own copy of a tensor tied to a layer on another stage."""
 
     name: str
     shape: tuple[int, ...]
     shared_from: int | None = None
+    copy_of: int | None = None
 
     @property
     def numel(self) -> int:
@@ -119,6 +121,28 @@ def layer_specs(spec: ModelSpec) -> list[LayerSpec]:
     head.append(TensorSpec("tok", (v, e), shared_from=0))
     layers.append(LayerSpec(len(layers), LayerKind.HEAD, -1, tuple(head)))
     return layers
+
+
+def block_layers(spec: ModelSpec, first_block: int, stop_block: int) -> tuple[int, int]:
+    """Schedule layers [start, stop) of transformer blocks [first_block, stop_block), with the embed when the
+    range starts at block 0 and the head when it ends at the last block (a pipeline stage's slice)."""
+    if not 0 <= first_block < stop_block <= spec.num_layers:
+        raise ValueError(f"block range [{first_block}, {stop_block}) is not within the {spec.num_layers} blocks")
+    start = 0 if first_block == 0 else 1 + 2 * first_block
+    stop = spec.num_schedule_layers if stop_block == spec.num_layers else 1 + 2 * stop_block
+    return start, stop
+
+
+def stage_layer_specs(spec: ModelSpec, start: int, stop: int) -> list[LayerSpec]:
+    """Schedule layers [start, stop). A tensor tied to a layer outside the range becomes the range's own
+    copy (`shared_from=None`, `copy_of` the layer it mirrors): the last pipeline stage stores the embedding."""
+    out = []
+    for lay in layer_specs(spec)[start:stop]:
+        tensors = tuple(TensorSpec(t.name, t.shape, copy_of=t.shared_from)
+                        if t.shared_from is not None and not start <= t.shared_from < stop else t
+                        for t in lay.tensors)
+        out.append(LayerSpec(lay.index, lay.kind, lay.block, tensors))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

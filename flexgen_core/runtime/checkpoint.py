@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,8 +197,13 @@ def validate(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"checkpoint {ckpt.directory} does not match its config.json: {listed}")
 
 
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """Yield (schedule layer, tensor name, tensor) one tensor at a time (tied copies skipped)."""
+def iter_tensors(ckpt: Checkpoint, keep: Callable[[int, str], bool] | None = None
+                 ) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """Yield (schedule layer, tensor name, tensor) one tensor at a time (tied copies skipped).
+
+    keep: which (layer, name) to read; the others are skipped without reading their data (a pipeline stage
+    reads only its slice).
+    """
     module = model_module(ckpt.spec.architecture)
     for f in ckpt.files:
         if f.suffix == ".safetensors":
@@ -207,13 +212,13 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[int, str, torch.Tensor]]:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118
                     slot = module.map_weight_name(ckpt.spec, name)
-                    if slot is not None:
+                    if slot is not None and (keep is None or keep(*slot)):
                         yield slot[0], slot[1], st.get_tensor(name)
         else:
-            state = _open_bin(f)
+            state = _open_bin(f)  # memory-mapped: skipped tensors are never read
             for name in list(state):
                 slot = module.map_weight_name(ckpt.spec, name)
                 tensor = state.pop(name)
-                if slot is not None:
+                if slot is not None and (keep is None or keep(*slot)):
                     yield slot[0], slot[1], tensor
             del state

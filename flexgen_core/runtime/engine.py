@@ -73,8 +73,8 @@ class Engine:
         self.offload, self.budget = offload, budget
         self.last_stats = CallStats()
         self.step_timing = False  # diagnostic: synchronize after every step and time it (slows runs down)
-        self.plan: Plan = build_plan(self.spec, policy, None, dtype.itemsize, device.type)
-        self.plan.check(budget)
+        self.plan: Plan = self._build_plan(None)
+        self._check_plan(self.plan)
         self._cache: KVCache | None = None
         self._acts: ActivationStore | None = None
         self._run_plan: Plan | None = None
@@ -115,8 +115,10 @@ class Engine:
     def _load_weights(self, seed: int) -> None:
         assert self.weights is not None
         if not self.dummy:
-            for layer, name, tensor in ckpt_io.iter_tensors(self.checkpoint):
-                self.weights.write_tensor(layer, name, tensor)
+            stored = self.plan.storage_map()  # a pipeline stage reads only its slice's tensors
+            for layer, name, tensor in ckpt_io.iter_tensors(self.checkpoint, keep=lambda j, n: (j, n) in stored):
+                for target in stored[(layer, name)]:
+                    self.weights.write_tensor(target, name, tensor)
                 del tensor
         else:
             self._write_dummy(seed)
@@ -131,7 +133,8 @@ class Engine:
         for lay in self.plan.layers:
             for t in lay.spec.owned:
                 g = torch.Generator(device=self.device)
-                g.manual_seed(seed * 1_000_003 + lay.spec.index * 7919 + zlib.crc32(t.name.encode()))
+                origin = lay.spec.index if t.copy_of is None else t.copy_of  # a tied copy gets the owner's values
+                g.manual_seed(seed * 1_000_003 + origin * 7919 + zlib.crc32(t.name.encode()))
                 x = torch.randn(t.shape, generator=g, device=self.device, dtype=self.dtype).mul_(0.02)
                 if t.name == "ln_w":
                     x.add_(1.0)
@@ -254,8 +257,8 @@ class Engine:
         if current is not None and current.workload is not None:
             workload = Workload(max(workload.prompt_len, current.workload.prompt_len),
                                 max(workload.gen_len, current.workload.gen_len))
-        plan = build_plan(self.spec, self.policy, workload, self.dtype.itemsize, self.device.type)
-        plan.check(self.budget)
+        plan = self._build_plan(workload)
+        self._check_plan(plan)
         for part in (self._cache, self._acts):
             if part is not None:
                 part.close()
@@ -267,6 +270,14 @@ class Engine:
         if plan.act_split.gpu < self.policy.gpu_batch_size:
             self._acts = ActivationStore(plan, self.device, self.dtype, self.transfer, self.offload)
         self._run_plan = plan
+
+    def _build_plan(self, workload: Workload | None) -> Plan:
+        """The plan of this engine's allocations for `workload` (None: weights only)."""
+        return build_plan(self.spec, self.policy, workload, self.dtype.itemsize, self.device.type)
+
+    def _check_plan(self, plan: Plan) -> None:
+        """Refuse a plan that exceeds the budget (PlanDoesNotFit), before anything is allocated."""
+        plan.check(self.budget)
 
     def _begin_call(self, prompts: Sequence[Sequence[int]]) -> CallStats:
         if self.device.type == "cuda":
@@ -322,7 +333,7 @@ class Engine:
                 self._sync()
                 now = time.perf_counter()
                 phase = stats.step_s.setdefault("prefill" if step.token == 0 else "decode", {})
-                kind = self.plan.layers[step.layer].spec.kind.value
+                kind = self.plan.layer(step.layer).spec.kind.value
                 phase[kind] = phase.get(kind, 0.0) + now - mark
                 mark = now
             if step.last_batch:
@@ -347,7 +358,7 @@ class Engine:
 
     def _prefetch_inputs(self, batches: list[BatchState], token: int, layer: int, batch: int, cache: bool = True,
                          acts: bool = True) -> None:
-        kind = self.plan.layers[layer].spec.kind
+        kind = self.plan.layer(layer).spec.kind
         b = batches[batch]
         if cache and kind == LayerKind.ATTN and token > 0 and self._cache is not None:
             self._cache.prefetch((layer - 1) // 2, batch, b.prompt_len + token - 1)
@@ -370,7 +381,7 @@ class Engine:
     def _compute(self, token: int, layer: int, batch: int, batches: list[BatchState], index: list[list[int]],
                  w: dict[str, torch.Tensor], sampler: Sampler | None, n_tokens: int) -> None:
         spec, b = self.spec, batches[batch]
-        kind = self.plan.layers[layer].spec.kind
+        kind = self.plan.layer(layer).spec.kind
         if kind == LayerKind.EMBED:
             if token == 0:
                 x = layers.embed(w, b.ids, b.prefill_positions(), spec)

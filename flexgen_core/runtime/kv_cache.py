@@ -114,7 +114,8 @@ class KVCache:
         cuda = device.type == "cuda"
         split = plan.cache_split
         self.seg_bytes = {tier: align(plan.kv_segment_bytes(split.count(tier)), ALIGN) for tier in TIERS}
-        n_homes = 2 * self.spec.num_layers * self.policy.num_gpu_batches
+        self.first_block = plan.blocks.start  # a pipeline stage holds the cache of its blocks only
+        n_homes = 2 * len(plan.blocks) * self.policy.num_gpu_batches
         self.homes: dict[Tier, DeviceArena | HostArena | DiskArena | None] = {
             Tier.GPU: DeviceArena(n_homes * self.seg_bytes[Tier.GPU], device, "cache.gpu") if split.gpu else None,
             Tier.CPU: HostArena(n_homes * self.seg_bytes[Tier.CPU], pin=cuda, name="cache.cpu") if split.cpu else None,
@@ -156,7 +157,8 @@ class KVCache:
         return tier != Tier.GPU and self.policy.cpu_attention
 
     def _home_offset(self, tier: Tier, block: int, batch: int, kv: int) -> int:
-        return ((block * self.policy.num_gpu_batches + batch) * 2 + kv) * self.seg_bytes[tier]
+        local = block - self.first_block
+        return ((local * self.policy.num_gpu_batches + batch) * 2 + kv) * self.seg_bytes[tier]
 
     def _home_raw(self, tier: Tier, block: int, batch: int, kv: int) -> torch.Tensor:
         key = (tier, block, batch, kv)

@@ -55,3 +55,25 @@ def zigzag(num_tokens: int, num_layers: int, num_batches: int, slots: int = 2) -
                 else:
                     nxt = None
                 yield Step(i, j, k, g % slots, k == num_batches - 1, ahead if k == 0 else (), nxt)
+
+
+def stage_round(token: int, round_index: int, num_layers: int, num_batches: int, slots: int = 2) -> Iterator[Step]:
+    """Steps of one pipeline round: one micro-batch of `num_batches` GPU batches through a stage's `num_layers`
+    layers (local indices 0..num_layers-1) for token `token`.
+
+    Rounds follow each other on a stage (the next one runs the same layers for another micro-batch), so slot
+    use continues across rounds (`round_index` counts the rounds the stage ran in this block) and the weights
+    of the next round's first layers are requested during this round's last ones. Inputs are prefetched
+    within the round only: the next round's inputs arrive by message.
+    """
+    if min(num_layers, num_batches) < 1 or slots < 2 or round_index < 0:
+        raise ValueError("num_layers and num_batches must be >= 1, slots >= 2, round_index >= 0")
+    for j in range(num_layers):
+        g = round_index * num_layers + j
+        ahead = tuple(((g + d) % num_layers, (g + d) % slots) for d in range(1, slots))
+        for k in range(num_batches):
+            if k + 1 < num_batches:
+                nxt: tuple[int, int, int] | None = (token, j, k + 1)
+            else:
+                nxt = (token, j + 1, 0) if j + 1 < num_layers else None
+            yield Step(token, j, k, g % slots, k == num_batches - 1, ahead if k == 0 else (), nxt)

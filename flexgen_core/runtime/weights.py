@@ -47,7 +47,7 @@ class WeightStore:
     # ---- writing (load time) -------------------------------------------------------------------
     def write_tensor(self, layer: int, name: str, tensor: torch.Tensor) -> None:
         """Store one full tensor (any dtype/device) into its pieces; quantizes on the compute device."""
-        placement = self.plan.layers[layer].tensor(name)
+        placement = self.plan.layer(layer).tensor(name)
         if tuple(tensor.shape) != placement.spec.shape:
             raise ValueError(f"layer {layer} {name}: shape {tuple(tensor.shape)} != {placement.spec.shape}")
         for piece in placement.pieces:
@@ -86,7 +86,7 @@ class WeightStore:
         """Start copying `layer`'s non-resident pieces into device slot `slot`."""
         if self._loaded[slot] == layer:
             return self._tickets[slot]
-        lay = self.plan.layers[layer]
+        lay = self.plan.layer(layer)
         dst_slot = self.slots[slot]
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         reads: list[tuple[DiskArena, int, torch.Tensor]] = []
@@ -138,7 +138,7 @@ class WeightStore:
     def _build_views(self, layer: int, slot: int
                      ) -> tuple[dict[str, torch.Tensor], list[tuple[PackedTensor, torch.Tensor]]]:
         """The views of a layer in a slot never change: build them once (buffers are preallocated)."""
-        lay = self.plan.layers[layer]
+        lay = self.plan.layer(layer)
         views: dict[str, torch.Tensor] = {}
         jobs: list[tuple[PackedTensor, torch.Tensor]] = []
         for t in lay.tensors:
