@@ -3,7 +3,8 @@
 Registered as a `flexgen` subcommand through the `flexgen.commands` entry point. Parameters are validated
 before Prefect starts; Prefect's console logs are hidden unless --verbose (they still reach the server, and
 the UI); a progress bar is drawn from the flow's progress log records; the summary table is printed at the end.
-Rerunning the same command (same suite and output path) resumes.
+Rerunning the same command (same suite and output path) resumes. `--nproc N` runs the generation step as an
+N-stage pipeline (N processes started with torchrun; Prefect, scoring and outputs stay in this process).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
 ENGINE_ARGS = ("gpu_batch_size", "num_gpu_batches", "weights", "cache", "acts", "cpu_attention", "compress_weights",
                "compress_cache", "attn_topk", "overlap", "pin_weights", "profile", "memory_margin", "device", "dtype",
-               "offload_dir", "gpu_mem_gib", "cpu_mem_gib", "disk_gib")
+               "offload_dir", "gpu_mem_gib", "cpu_mem_gib", "disk_gib", "micro_batches", "timeout_s")
 BAR_WIDTH = 30
 
 
@@ -41,13 +42,14 @@ def params_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from flows.params import DEFAULT_MODEL, EngineParams, EvaluateParams
 
     try:
-        engine = EngineParams(policy=args.policy or "auto",
+        engine = EngineParams(policy=args.policy or "auto", pipeline_stages=getattr(args, "nproc", 1),
                               **{k: getattr(args, k) for k in ENGINE_ARGS if getattr(args, k, None) is not None})
         evaluation = EvaluateParams(run_entries=args.run_entries, suite=args.suite, output_path=args.output_path,
                                     max_eval_instances=args.max_eval_instances, model=args.model or DEFAULT_MODEL,
                                     skip_completed_runs=args.skip_completed_runs, metrics=args.metrics)
     except ValidationError as exc:
         raise ValueError(validation_message(exc)) from None
+    engine.check_pipeline(evaluation.model)
     return evaluation, engine
 
 
@@ -136,6 +138,12 @@ def register(sub: Any) -> None:
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="compute-device memory budget")
     p.add_argument("--cpu-mem-gib", type=float, default=None, help="CPU RAM budget")
     p.add_argument("--disk-gib", type=float, default=None, help="disk budget in the offload directory")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="pipeline stages, one process each (one per GPU): > 1 runs generation on that many ranks "
+                        "started with torchrun (budgets are per rank)")
+    p.add_argument("--micro-batches", type=int, default=None, help="pipeline: blocks in flight (default: --nproc)")
+    p.add_argument("--timeout-s", type=float, default=None,
+                   help="pipeline: longest wait for another rank before every rank stops with an error (600)")
     p.add_argument("--verbose", action="store_true", help="show Prefect's logs on the console")
     add_policy_flags(p)
     add_auto_flags(p)

@@ -92,6 +92,13 @@ class EngineParams(BaseModel):
     gpu_mem_gib: float | None = Field(None, gt=0, description="compute-device memory budget in GiB")
     cpu_mem_gib: float | None = Field(None, gt=0, description="CPU RAM budget in GiB")
     disk_gib: float | None = Field(None, gt=0, description="disk budget in GiB in the offload directory")
+    pipeline_stages: int = Field(1, ge=1, description="pipeline degree: > 1 runs generation on this many processes "
+                                                      "(one per GPU, torchrun), each holding a slice of the layers "
+                                                      "with its own policy; the budgets are per process")
+    micro_batches: int | None = Field(None, ge=1, description="pipeline: blocks in flight (default: the number of "
+                                                              "stages)")
+    timeout_s: float = Field(600.0, gt=0, description="pipeline: longest wait for another process before every "
+                                                      "process stops with an error")
 
     @model_validator(mode="after")
     def _check(self) -> EngineParams:
@@ -137,6 +144,35 @@ class EngineParams(BaseModel):
         """Keyword arguments shared by `Engine.from_pretrained` and `choose_policy`."""
         return {"device": self.device, "offload_dir": self.offload_dir, "gpu_mem_gib": self.gpu_mem_gib,
                 "cpu_mem_gib": self.cpu_mem_gib, "disk_gib": self.disk_gib}
+
+    def check_pipeline(self, model: str) -> None:
+        """Refuse more pipeline stages than `model` has transformer layers (from its config.json, no weights)."""
+        if self.pipeline_stages > 1:
+            layers = model_layers(model)
+            if self.pipeline_stages > layers:
+                raise ValueError(f"pipeline_stages={self.pipeline_stages} but {model} has only {layers} transformer "
+                                 f"layers; every stage needs at least one: use at most {layers}")
+
+
+def model_layers(model: str) -> int:
+    """Transformer layers of a checkpoint directory or cached hub name, read from its config.json."""
+    from flexgen_core.models import model_module
+
+    path = Path(model).expanduser()
+    config = path / "config.json"
+    if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            raise ValueError(f"model {model} has no config.json to read its layer count from")
+        config = Path(cached)
+    try:
+        cfg = json.loads(config.read_text())
+        archs = cfg.get("architectures") or ["OPTForCausalLM" if cfg.get("model_type") == "opt" else ""]
+        return int(model_module(archs[0]).spec_from_hf_config(cfg, name=str(model)).num_layers)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the layer count of {model} from {config}: {exc}") from None
 
 
 class EvaluateParams(BaseModel):
@@ -275,6 +311,9 @@ class BenchmarkParams(BaseModel):
 
         if not (self.dummy and builtin_module(self.model) is not None):
             model_directory(self.model, need_tokenizer=False)
+        if any(p.pipeline_stages > 1 for p in self.policies):
+            raise ValueError("pipeline_stages applies to the evaluate flow; the benchmark flow runs one process "
+                             "(measure a pipeline with `flexgen bench --nproc N`)")
         if self.hf_baseline and not Path(self.model).expanduser().is_dir():
             raise ValueError("hf_baseline needs a checkpoint directory as model (transformers loads it)")
         for path in (self.results_csv, self.plot):

@@ -40,10 +40,12 @@ class ChunkProgress:
     """Requests done out of all requests of the flow run (stored ones count as done), tokens/s, ETA.
 
     `update` after each chunk logs a progress record and updates the progress artifact (at most once per
-    ARTIFACT_MIN_INTERVAL_S, and always when the last request is done).
+    ARTIFACT_MIN_INTERVAL_S, and always when the last request is done). Records go to the logger of the run that
+    created it (the flow's, which `flexgen eval` draws as a bar), even when `update` is called inside a task.
     """
 
     def __init__(self, key: str, total: int, done: int) -> None:
+        self.logger = get_run_logger()
         self.total, self.done = total, done
         self.done_here = self.tokens_here = 0
         self.start = self.updated = time.perf_counter()
@@ -81,7 +83,7 @@ class ChunkProgress:
 
     def emit(self) -> None:
         data = {"done": self.done, "total": self.total, "tok_s": self.tokens_per_s, "eta_s": self.eta_s}
-        get_run_logger().info(self.text(), extra={PROGRESS_ATTR: data})
+        self.logger.info(self.text(), extra={PROGRESS_ATTR: data})
 
 
 def publish_scores(key: str, rows: Sequence[Mapping[str, Any]]) -> None:

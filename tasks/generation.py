@@ -4,16 +4,21 @@ The engine stays resident in the flow's process between chunk tasks (it is passe
 serialized or cached). `generate_chunk` is never retried: a chunk's results are durable once
 `run_chunk` returns (one store transaction), and a CUDA out-of-memory error is raised as
 `ChunkOutOfMemory` so the flow can re-plan with a smaller GPU batch instead of repeating the same failure.
+With pipeline stages, `generate_pipelined` starts the ranks (torchrun) that load the stages and run every
+pending chunk, and waits for them, streaming each chunk rank 0 commits to the flow's progress (no re-plan: an
+out-of-memory error ends the run with the failed rank named; rerunning resumes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flexgen_core.evaluation.pipeline_worker import PipelineJob
 from flexgen_core.evaluation.runner import Chunk, ChunkReport
 from flexgen_core.evaluation.store import RunStore
 from flexgen_core.policy import Policy
@@ -58,6 +63,30 @@ def generate_chunk(engine: Any, chunk: Chunk, store: RunStore, label: str) -> Ch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise ChunkOutOfMemory(f"{label} of {chunk.run_name}: {exc}") from exc
+
+
+@task(name="generate-pipelined", task_run_name="pipeline-{job.nproc}-stages", cache_policy=NO_CACHE,
+      persist_result=False)
+def generate_pipelined(job: PipelineJob, run_dirs: Sequence[Path],
+                       on_chunk: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every pending chunk on `job.nproc` pipeline ranks and wait for them (never retried: rerun to resume).
+
+    `on_chunk` gets each chunk's metadata as rank 0 commits it. A failed or dead rank raises PipelineRunError
+    naming it. Returns the ranks' plan: each stage's slice and policy, micro-batches, chunk size.
+    """
+    import time
+
+    from flexgen_core.evaluation.pipeline_worker import run_pipeline
+
+    log = get_run_logger()
+    log.info(f"starting {job.nproc} pipeline ranks (torchrun) on {job.device}")
+    start = time.perf_counter()
+    plan = run_pipeline(job, run_dirs, on_chunk)
+    log.info(f"{plan['requests']} requests in {plan['chunks']} chunks on {job.nproc} stages "
+             f"({plan['micro_batches']} micro-batches in flight) in {time.perf_counter() - start:.1f} s")
+    for st in plan["stages"]:
+        log.info(f"stage {st['stage']}: {st['slice']}; policy {Policy.from_dict(st['policy']).describe()}")
+    return plan
 
 
 def close_engine(engine: Any) -> None:

@@ -20,18 +20,23 @@ from flexgen_core.policy import Policy
 
 @dataclass(frozen=True)
 class PlannedPolicy:
-    """A policy for one workload: `source` is "auto" (the LP) or the policy file it came from."""
+    """A policy for one workload: `source` is "auto" (the LP) or the policy file it came from. `pipeline`: with
+    pipeline stages, what the stages chose (`policy` is then stage 0's)."""
 
     policy: Policy
     source: str
     predicted_tok_s: float | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
     replans: tuple[dict[str, Any], ...] = ()
+    pipeline: Mapping[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """policy.json's "planned" entry."""
-        return {"policy": self.policy.to_dict(), "source": self.source, "predicted_tok_s": self.predicted_tok_s,
-                "replans": list(self.replans)}
+        out = {"policy": self.policy.to_dict(), "source": self.source, "predicted_tok_s": self.predicted_tok_s,
+               "replans": list(self.replans)}
+        if self.pipeline is not None:
+            out["pipeline"] = dict(self.pipeline)
+        return out
 
 
 def _torch_dtype(dtype: str | None) -> Any:

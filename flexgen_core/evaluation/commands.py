@@ -49,7 +49,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add `score` to a `flexgen` subcommand parser (argparse `add_subparsers()` result)."""
+    """Add `score` (and the internal `eval-worker`, one rank of `flexgen eval --nproc N`) to a `flexgen`
+    subcommand parser (argparse `add_subparsers()` result)."""
+    from flexgen_core.evaluation.pipeline_worker import register as register_worker
+
     p = sub.add_parser("score", help="rebuild a run's HELM outputs from its run store (no model) and print scores",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_DIR_OR_OUTPUT_PATH",
@@ -57,3 +60,4 @@ def register(sub: Any) -> None:
     p.add_argument("--suite", default="default", help="suite under OUTPUT/runs when PATH is an output path")
     p.add_argument("--all-stats", action="store_true", help="list every stat, not only each run's metrics")
     p.set_defaults(func=cmd_score)
+    register_worker(sub)

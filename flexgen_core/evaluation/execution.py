@@ -1,10 +1,11 @@
 """Running requests on the engine: run identity, pending requests, chunks, and engine outputs -> HELM results.
 
-`run_chunk` is the only function here that touches the engine (through its public API: `generate`, `score`,
-`identity`, `last_stats`, `policy`, `spec`). It refuses an engine whose identity (model, weights revision,
-dtype, compression) differs from the one the chunk's keys were computed for, skips requests already stored
-(so a retried task regenerates nothing), and appends the chunk's results and metadata in ONE store
-transaction.
+`run_chunk` refuses an engine whose identity (model, weights revision, dtype, compression) differs from the one
+the chunk's keys were computed for, skips requests already stored (so a retried task regenerates nothing), and
+appends the chunk's results and metadata in ONE store transaction. Its halves: `call_engine`, the only function
+here that computes on the engine (public API: `generate`, `score`, `last_stats`), and `store_chunk`, conversion
+and the store write (reading `policy` and `spec`). Pipeline mode calls them apart: every rank calls the engine
+with the same arguments, rank 0 alone converts and stores.
 Sampling (temperature > 0): `Engine.generate` seeds each sequence from (seed, index within the call), so a
 sampled request is generated alone with a seed derived from its key; its sample then does not depend on the
 chunk it lands in. Greedy requests are batched.
@@ -168,51 +169,84 @@ def run_chunk(engine: Any, chunk: Chunk, store: RunStore) -> ChunkReport:
     Requests already stored (a retried task) are skipped. Results are HELM RequestResult dicts: text decoded
     with the run's tokenizer and cut at the first stop sequence (HELM's truncate_sequence), per-token
     logprobs from the engine. The chunk's metadata records the policy, engine timings and token counts.
+    The two halves are `call_engine` (the engine calls) and `store_chunk` (conversion and the store write),
+    which pipeline mode runs apart: every rank calls the engine, rank 0 alone stores.
     """
-    engine_identity = RunIdentity.of_engine(engine)
-    if engine_identity != chunk.identity:
-        raise ValueError(f"chunk of {chunk.run_name} was prepared for {chunk.identity} but the engine is "
-                         f"{engine_identity}; its results would be stored under the wrong keys")
-    if Path(store.run_dir).resolve() != Path(chunk.run_dir).resolve():
-        raise ValueError(f"chunk of {chunk.run_dir} given the store of {store.run_dir}")
+    check_chunk(engine, chunk, store)
     todo = [r for r in chunk.requests if not store.has(r.key)]
     skipped = len(chunk.requests) - len(todo)
     if not todo:
         return ChunkReport(chunk.run_name, None, 0, skipped, 0, 0, 0, 0.0, 0.0, 0.0)
+    return store_chunk(engine, chunk, call_engine(engine, chunk, todo), store, skipped)
+
+
+@dataclass(frozen=True)
+class EngineOutputs:
+    """What `call_engine` got for `requests`: one Generation or Score each, the calls' CallStats, wall time."""
+
+    requests: tuple[PendingRequest, ...]
+    outputs: tuple[Any, ...]
+    calls: tuple[Any, ...]
+    wall_s: float
+
+
+def check_chunk(engine: Any, chunk: Chunk, store: RunStore | None = None) -> None:
+    """Refuse an engine whose identity differs from the chunk's (wrong keys) or the store of another run."""
+    engine_identity = RunIdentity.of_engine(engine)
+    if engine_identity != chunk.identity:
+        raise ValueError(f"chunk of {chunk.run_name} was prepared for {chunk.identity} but the engine is "
+                         f"{engine_identity}; its results would be stored under the wrong keys")
+    if store is not None and Path(store.run_dir).resolve() != Path(chunk.run_dir).resolve():
+        raise ValueError(f"chunk of {chunk.run_dir} given the store of {store.run_dir}")
+
+
+def call_engine(engine: Any, chunk: Chunk, todo: Sequence[PendingRequest]) -> EngineOutputs:
+    """The engine calls of one chunk for the requests `todo` (greedy: one call; sampled: one call per request,
+    seeded from its key). Deterministic in its arguments, so pipeline ranks make the same calls."""
+    start = time.perf_counter()
+    calls, outputs = [], []
+    if chunk.mode == SCORE:
+        outputs += engine.score([list(r.token_ids) for r in todo], [list(r.continuation_ids) for r in todo])
+        calls.append(engine.last_stats)
+    else:
+        groups = [list(todo)] if chunk.temperature == 0 else [[r] for r in todo]  # sampled: one call per seed
+        for group in groups:
+            outputs += engine.generate([list(r.token_ids) for r in group], chunk.max_new_tokens,
+                                       temperature=chunk.temperature, top_p=chunk.top_p, seed=group[0].seed,
+                                       stop_token_ids=[list(r.stop_token_ids) for r in group], return_logprobs=True)
+            calls.append(engine.last_stats)
+    return EngineOutputs(tuple(todo), tuple(outputs), tuple(calls), time.perf_counter() - start)
+
+
+def store_chunk(engine: Any, chunk: Chunk, out: EngineOutputs, store: RunStore, skipped: int = 0,
+                extra_metadata: Mapping[str, Any] | None = None) -> ChunkReport:
+    """Convert `out` to HELM RequestResults and append them with the chunk's metadata (policy, timings, token
+    counts; `extra_metadata` added on top) to `store` in ONE transaction. Reads `engine.spec` and
+    `engine.policy` only."""
     start = time.perf_counter()
     tok, eos = chunk.tokenizer, engine.spec.eos_token_id
-    calls = []
     if chunk.mode == SCORE:
-        scores = engine.score([list(r.token_ids) for r in todo], [list(r.continuation_ids) for r in todo])
-        calls.append(engine.last_stats)
-        results = {r.key: _score_result(tok, r, s) for r, s in zip(todo, scores, strict=True)}
+        results = {r.key: _score_result(tok, r, s) for r, s in zip(out.requests, out.outputs, strict=True)}
     else:
-        gens = []
-        groups = [todo] if chunk.temperature == 0 else [[r] for r in todo]  # sampled: one call per seed
-        for group in groups:
-            gens += engine.generate([list(r.token_ids) for r in group], chunk.max_new_tokens,
-                                    temperature=chunk.temperature, top_p=chunk.top_p, seed=group[0].seed,
-                                    stop_token_ids=[list(r.stop_token_ids) for r in group], return_logprobs=True)
-            calls.append(engine.last_stats)
-        results = {r.key: _generation_result(tok, r, g, eos) for r, g in zip(todo, gens, strict=True)}
-    wall = time.perf_counter() - start
+        results = {r.key: _generation_result(tok, r, g, eos) for r, g in zip(out.requests, out.outputs, strict=True)}
+    calls, wall = out.calls, out.wall_s + time.perf_counter() - start  # engine calls + conversion, as before
     totals = {name: sum(getattr(c, name) for c in calls) for name in
               ("prompt_tokens", "padded_prompt_tokens", "generated_tokens", "prefill_s", "decode_s", "blocks",
                "decode_steps")}
-    report = ChunkReport(chunk.run_name, None, len(todo), skipped, totals["prompt_tokens"],
+    report = ChunkReport(chunk.run_name, None, len(out.requests), skipped, totals["prompt_tokens"],
                          totals["padded_prompt_tokens"], totals["generated_tokens"], totals["prefill_s"],
                          totals["decode_s"], wall)
     peak: dict[str, int] = {}
     for c in calls:
         for tier, n in c.peak_bytes.items():
             peak[tier] = max(peak.get(tier, 0), int(n))
-    metadata = {**totals, "run": chunk.run_name, "mode": chunk.mode, "num_requests": len(todo),
+    metadata = {**totals, "run": chunk.run_name, "mode": chunk.mode, "num_requests": len(out.requests),
                 "settings": {"max_new_tokens": chunk.max_new_tokens, "temperature": chunk.temperature,
                              "top_p": chunk.top_p},
                 "engine_calls": len(calls), "wall_s": wall, "policy": engine.policy.to_dict(),
                 "block_size": engine.policy.block_size, "identity": chunk.identity.to_dict(), "peak_bytes": peak,
                 "tokens_per_s": report.tokens_per_s, "output_tokens_per_s": report.output_tokens_per_s,
-                "padding_efficiency": report.padding_efficiency}
+                "padding_efficiency": report.padding_efficiency, **(extra_metadata or {})}
     chunk_id = store.put_chunk(results, metadata)
     return dataclasses.replace(report, chunk_id=chunk_id)
 

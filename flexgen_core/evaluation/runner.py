@@ -98,10 +98,11 @@ class PreparedRun:
 
 def prepare_run(entry: str, *, model: str | Path, suite: str = "default",
                 output_path: Path = Path("benchmark_output"), max_eval_instances: int | None = None,
-                identity: RunIdentity, tokenizer: Vocabulary | None = None) -> PreparedRun:
+                identity: RunIdentity, tokenizer: Vocabulary | None = None, record: bool = True) -> PreparedRun:
     """Build the run spec, instances and requests of `entry` for `model` and record them in the run directory.
 
-    Writes run_spec.json and run_manifest.json (atomically). Refuses (RunDirConflictError) a run directory
+    Writes run_spec.json and run_manifest.json (atomically; `record=False` writes nothing: the ranks of a
+    pipelined evaluation rebuild the run their parent recorded). Refuses (RunDirConflictError) a run directory
     whose recorded run differs in scenario, adapter spec (other than max_eval_instances) or identity.
     `tokenizer` defaults to the model directory's tokenizer.json.
     """
@@ -132,8 +133,9 @@ def prepare_run(entry: str, *, model: str | Path, suite: str = "default",
     requests = _pending_requests(state, tokenizer, identity, ckpt.spec.bos_token_id, ckpt.spec.eos_token_id,
                                  ckpt.spec.max_positions)
     run = PreparedRun(run_spec, run_dir, scenario.metadata(), instances, state, requests, identity, tokenizer)
-    write_json_atomic(run_dir / MANIFEST_FILE, _manifest(run, suite, model))
-    write_json_atomic(run_dir / RUN_SPEC_FILE, run_spec.to_dict())
+    if record:
+        write_json_atomic(run_dir / MANIFEST_FILE, _manifest(run, suite, model))
+        write_json_atomic(run_dir / RUN_SPEC_FILE, run_spec.to_dict())
     return run
 
 
