@@ -12,11 +12,13 @@ class Generation:
     token_ids: generated tokens only (a stop token that ended the sequence is included, as in HF).
     finish_reason: "stop" (a stop token was generated) or "length" (max_new_tokens reached).
     logprobs: log-probability of each generated token under the model (natural log), or None.
+    top_logprobs: per generated token, {token id: log-probability} of the most likely tokens, when asked.
     """
 
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ class BatchState:
     logprobs: torch.Tensor  # (rows, n) float32
     finished: torch.Tensor  # (rows,) bool
     hidden: torch.Tensor | None = None  # (rows, w, h) while on the device between layers
+    top_ids: torch.Tensor | None = None  # (rows, n, k) long: the k most likely tokens at each step (if asked)
+    top_logprobs: torch.Tensor | None = None  # (rows, n, k) float32: their log-probabilities
 
     def prefill_positions(self) -> torch.Tensor:
         """OPT position ids (before the offset of 2): cumsum(mask) - 1, pads at -1. (rows, s)."""
@@ -58,7 +60,7 @@ class BatchState:
 
 
 def make_batch(prompts: Sequence[Sequence[int]], prompt_len: int, gen_len: int, pad_id: int,
-               stop_ids: Sequence[Sequence[int]], device: torch.device) -> BatchState:
+               stop_ids: Sequence[Sequence[int]], device: torch.device, top_k: int = 0) -> BatchState:
     rows = len(prompts)
     ids = torch.full((rows, prompt_len), pad_id, dtype=torch.long)
     valid = torch.zeros(rows, prompt_len + gen_len, dtype=torch.bool)
@@ -76,7 +78,9 @@ def make_batch(prompts: Sequence[Sequence[int]], prompt_len: int, gen_len: int, 
         real_len=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
         stop_ids=stops.to(device), tokens=torch.zeros(rows, gen_len, dtype=torch.long, device=device),
         logprobs=torch.zeros(rows, gen_len, dtype=torch.float32, device=device),
-        finished=torch.zeros(rows, dtype=torch.bool, device=device))
+        finished=torch.zeros(rows, dtype=torch.bool, device=device),
+        top_ids=torch.zeros(rows, gen_len, top_k, dtype=torch.long, device=device) if top_k else None,
+        top_logprobs=torch.zeros(rows, gen_len, top_k, dtype=torch.float32, device=device) if top_k else None)
 
 
 class Sampler:

@@ -151,10 +151,16 @@ class Engine:
     # ---- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids: Sequence[int] | Sequence[Sequence[int]] = (),
-                 return_logprobs: bool = False) -> list[Generation]:
-        """Generate up to `max_new_tokens` for each prompt (token ids). Returns one Generation per prompt."""
+                 return_logprobs: bool = False, top_logprobs: int = 0) -> list[Generation]:
+        """Generate up to `max_new_tokens` for each prompt (token ids). Returns one Generation per prompt.
+
+        top_logprobs: also return, per generated token, the `top_logprobs` most likely tokens and their
+        log-probabilities (HELM's top_logprobs; the full distribution with top_logprobs = vocab size).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= top_logprobs <= self.spec.vocab_size:
+            raise ValueError(f"top_logprobs must be in [0, {self.spec.vocab_size}], got {top_logprobs}")
         self._check_prompts(prompts, max_new_tokens)
         stops = normalize_stop_ids(stop_token_ids, len(prompts))
         sampler = Sampler(temperature, top_p, seed, self.device)
@@ -164,11 +170,11 @@ class Engine:
         for block in plan_blocks(len(prompts), self.policy.block_size, self.policy.gpu_batch_size):
             s = max(len(prompts[i]) for batch in block for i in batch)
             batches = [make_batch([prompts[i] for i in b], s, max_new_tokens, self.spec.pad_token_id,
-                                  [stops[i] for i in b], self.device) for b in block]
+                                  [stops[i] for i in b], self.device, top_logprobs) for b in block]
             steps = self._run_block(batches, block, max_new_tokens, sampler, stats)
             for b, idx in zip(batches, block, strict=True):
                 for r, i in enumerate(idx):
-                    results[i] = _generation(b, r, steps, return_logprobs)
+                    results[i] = _generation(b, r, steps, return_logprobs or top_logprobs > 0)
                     stats.generated_tokens += len(results[i].token_ids)  # type: ignore[union-attr]
             stats.padded_prompt_tokens += s * len([i for b in block for i in b])
         self._end_call(stats)
@@ -409,6 +415,9 @@ class Engine:
             tokens, logp = sampler.sample(logits, index[batch])
             b.tokens[:, token] = tokens
             b.logprobs[:, token] = logp
+            if b.top_ids is not None and b.top_logprobs is not None:
+                values, ids = torch.log_softmax(logits, dim=-1).topk(b.top_ids.shape[-1], dim=-1)
+                b.top_ids[:, token], b.top_logprobs[:, token] = ids, values
             b.finished |= (tokens[:, None] == b.stop_ids).any(dim=1)
         else:
             self._score_batch(w, x, b, batch)
@@ -438,4 +447,8 @@ def _generation(b: BatchState, r: int, steps: int, with_logprobs: bool) -> Gener
             end, reason = n + 1, "stop"
             break
     logprobs = b.logprobs[r, :end].tolist() if with_logprobs else None
-    return Generation(tokens[:end], reason, logprobs)
+    top = None
+    if b.top_ids is not None and b.top_logprobs is not None:
+        ids, values = b.top_ids[r, :end].tolist(), b.top_logprobs[r, :end].tolist()
+        top = [dict(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+    return Generation(tokens[:end], reason, logprobs, top)
