@@ -23,7 +23,40 @@ GIB = 1 << 30
 W = "--prompt-len 512 --gen-len 32"
 
 T4_LIKE = "--gpu-mem-gib 16"
+# the 4-bit OPT-30B policy the LP chose for the T4-like budget with 80 GiB of host RAM (visit 6)
+CW_64X4 = ("--cpu-mem-gib 80 --gpu-batch-size 64 --num-gpu-batches 4 --weights 0.0052,0.9948,0 --compress-weights "
+           "--compress-cache")
+BISECT_32X2 = ("--cpu-mem-gib 80 --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.0052,0.9948,0 "
+               "--cache 0.15625,0.84375,0 --acts 0,1,0")
 SUITES: dict[str, list[str]] = {
+    "visit6": [  # 4-bit with a host budget that leaves the 126 GiB box room (111 GiB chosen without one)
+        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
+    "visit6c": [  # bisect the 4-bit run's inf/NaN: no overlap; no GPU cache segment; activations on the GPU
+        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 --no-overlap",
+        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0,1,0 --acts 0,1,0",
+        f"--model opt-30b --dummy {W} --gpu-mem-gib 20 {CW_64X4} --cache 0.15625,0.84375,0 --acts 1,0,0",
+    ],
+    "visit6e": [  # after the KV store ordering fix: the 4-bit run of visit6, then its 32x2 control
+        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} {BISECT_32X2} --compress-weights --compress-cache",
+    ],
+    "visit6d": [  # at 32x2: both compressed (control), weights only, cache only; inf/NaN shows in the logprobs
+        f"--model opt-30b --dummy {W} {T4_LIKE} {BISECT_32X2} --compress-weights --compress-cache",
+        f"--model opt-30b --dummy {W} {T4_LIKE} {BISECT_32X2} --compress-weights",
+        f"--model opt-30b --dummy {W} {T4_LIKE} {BISECT_32X2.replace('0.0052,0.9948,0', '0.05,0.95,0')} "
+        "--compress-cache",
+    ],
+    "visit6b": [  # where the 4-bit run's inf/NaN first appears, with and without overlap; then the whole GPU
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --cpu-mem-gib 80 --policy auto "
+        "--compress-weights --compress-cache --check-finite --profile {profile}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --cpu-mem-gib 80 --policy auto "
+        "--compress-weights --compress-cache --check-finite --no-overlap --profile {profile}",
+        f"--model opt-30b --dummy {W} --policy auto --profile {{profile}}",
+    ],
     "final": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
@@ -135,13 +168,14 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['model']:9s} {r['policy_str'][:50]:50s} {r['block_size']:5d} {r['prefill_s']:9.2f} "
               f"{r['decode_s']:9.2f} {r['total_tok_s']:9.1f} {r['decode_tok_s']:10.1f} "
               f"{r.get('predicted_tok_s', 0):8.1f} {r.get('measured_over_bound', 0):10.2f} "
-              f"{r['peak_bytes'].get('gpu', 0) / GIB:7.1f} {r['peak_bytes'].get('cpu_rss', 0) / GIB:8.1f}")
+              f"{r['peak_bytes'].get('gpu', 0) / GIB:7.1f} {r['peak_bytes'].get('cpu_rss', 0) / GIB:8.1f}"
+              + (f"  INVALID: {r['nonfinite_logprobs']} inf/NaN log-probs" if r.get("nonfinite_logprobs") else ""))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["model", "policy_str", "block_size", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
               "total_tok_s", "decode_tok_s", "predicted_tok_s", "bound_tok_s", "measured_over_bound",
-              "gpu_peak_gib", "host_peak_gib", "load_s", "device", "command", "error"]
+              "gpu_peak_gib", "host_peak_gib", "load_s", "device", "nonfinite_logprobs", "command", "error"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

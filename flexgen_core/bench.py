@@ -10,6 +10,7 @@ are produced), and the result lists every stage's slice, policy and memory.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -33,14 +34,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         policy, spec = engine.policy, engine.spec
         engine.reserve(args.prompt_len, args.gen_len)
         engine.step_timing = getattr(args, "step_timing", False)
+        engine.check_finite = getattr(args, "check_finite", False)
         in_flight = getattr(engine, "micro_batches", 1)  # pipeline: every micro-batch in flight is a block
         prompts = synthetic_prompts(policy.block_size * in_flight * args.num_blocks, args.prompt_len, spec.vocab_size,
                                     args.seed)
         for _ in range(args.warmup):
             engine.generate([p[:min(8, args.prompt_len)] for p in prompts[:policy.block_size]], 2)
         start = time.perf_counter()
-        gens = engine.generate(prompts, args.gen_len)
+        gens = engine.generate(prompts, args.gen_len, return_logprobs=True)
         wall = time.perf_counter() - start
+        nonfinite = sum(not math.isfinite(x) for g in gens for x in (g.logprobs or []))
         st = engine.last_stats
         plan = engine.run_plan
         n_seq = len(prompts)
@@ -60,6 +63,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "weight_bytes": {t.value: plan.weight_arena_bytes_unpadded(t) for t in TIERS},
             "weight_fractions": list(plan.realized_weight_fractions()),
             "disk_direct": engine.disk_direct,
+            "nonfinite_logprobs": nonfinite,  # > 0: the run produced inf/NaN (a bug or an overflow)
         }
         if st.step_s:  # per layer step, as the cost model's breakdown reports it
             counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}

@@ -211,6 +211,9 @@ def format_bench(r: dict[str, Any]) -> str:
                                        f"({r['weight_fractions'][i]:.1%})" for i, t in enumerate(TIERS)),
         f"disk reads bypass the page cache: {r['disk_direct']}",
     ]
+    if r.get("nonfinite_logprobs"):
+        lines.append(f"WARNING: {r['nonfinite_logprobs']} generated tokens have inf/NaN log-probabilities: the "
+                     "outputs are invalid (rerun with --check-finite to find the first layer)")
     for st in r.get("stages", []):
         lines.append(f"  stage {st['stage']} (rank {st['stage']}): {st['slice']}; policy {st['policy_str']}; planned "
                      + ", ".join(f"{t} {fmt_bytes(st['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk"))
@@ -267,6 +270,8 @@ def _register_core(sub: Any) -> None:
                    help="pipeline: longest wait for another rank before every rank stops with an error")
     b.add_argument("--step-timing", action="store_true",
                    help="diagnostic: synchronize and time every layer step (slower; compare with the cost model)")
+    b.add_argument("--check-finite", action="store_true",
+                   help="diagnostic: stop at the first layer output with inf/NaN, naming layer, batch and token")
     add_policy_flags(b)
     add_auto_flags(b)
     b.set_defaults(func=cmd_bench)

@@ -152,8 +152,14 @@ def _half_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, _next_half(h, up=True), h)
 
 
-def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1) -> PackedTensor:
-    """Quantize `x` (fp16, bf16 or fp32) in groups of `group_size` along `dim`."""
+def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1,
+             invalid: torch.Tensor | None = None) -> PackedTensor:
+    """Quantize `x` (fp16, bf16 or fp32) in groups of `group_size` along `dim`.
+
+    Values that cannot be quantized (inf, NaN, beyond fp16's range) raise ValueError, which costs the caller
+    host syncs. With `invalid` (a bool tensor on x's device) they set it instead, with no sync; the caller
+    checks it later, and the codes of such groups are meaningless.
+    """
     cfg = QuantConfig(bits, group_size)
     if not x.is_floating_point():
         raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
@@ -165,7 +171,7 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1
     g = cfg.group_size
     groups = num_groups(n, g)
     moved = x.movedim(dim, -1).float()  # (*rest, n)
-    if not torch.isfinite(moved).all():
+    if invalid is None and not torch.isfinite(moved).all():
         raise ValueError("quantize got inf or NaN values")
     pad = groups * g - n
     if pad:
@@ -174,14 +180,17 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1
     grouped = moved.reshape(*moved.shape[:-1], groups, g)  # (*rest, G, g)
     lo = grouped.amin(dim=-1)
     hi = grouped.amax(dim=-1)
-    if lo.abs().max() > FP16_MAX or hi.abs().max() > FP16_MAX:
+    if invalid is None and (lo.abs().max() > FP16_MAX or hi.abs().max() > FP16_MAX):
         raise ValueError(f"values beyond +-{FP16_MAX:g} cannot be quantized with fp16 group scales")
     levels = (1 << cfg.bits) - 1
     mn16 = _half_floor(lo)
     span = hi - mn16.float()
     step = span / levels
-    if (step > FP16_MAX).any():
+    if invalid is None and (step > FP16_MAX).any():
         raise ValueError("a group's range is too wide for an fp16 step; rescale the tensor")
+    if invalid is not None:  # NaN fails every comparison, so test for the valid case
+        ok = (lo.abs() <= FP16_MAX) & (hi.abs() <= FP16_MAX) & (step <= FP16_MAX)
+        invalid.logical_or_(~ok.all())
     step16 = _half_ceil(step)
     # make sure mn + levels*step covers the max after fp16 rounding
     short = mn16.float() + levels * step16.float() < hi

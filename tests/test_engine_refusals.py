@@ -150,3 +150,47 @@ def test_dummy_weights_for_builtin_and_directory(tiny_opt: Path) -> None:
         assert e.generate([[5, 6]], 3)[0].token_ids == a  # same seed, same weights
     with Engine.from_pretrained("opt-125m", dummy=True, device="cpu", policy=Policy(1, 1, weights=(0, 1, 0))) as e:
         assert e.spec.hidden_size == 768 and len(e.generate([[5, 6]], 2)[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(compress_cache=True),
+    Policy(cache=(0, 1, 0), cpu_attention=True, compress_cache=True, gpu_batch_size=2, num_gpu_batches=2),
+], ids=["device-cache", "host-cache-delegated"])
+def test_kv_values_beyond_fp16_are_reported_with_their_block(tiny_opt: Path, tmp_path: Path, policy: Policy) -> None:
+    """The compressed cache checks its values on the device and reports at the next sync, naming the place."""
+    def edit(t: dict) -> None:
+        t["model.decoder.layers.1.self_attn.k_proj.bias"] = torch.full((64,), 1e6)  # K far beyond fp16's range
+
+    bad = _rewrite(tiny_opt, tmp_path / "bad", edit)
+    message = r"KV cache of transformer block 1, GPU batch \d, during prefill: the activations overflowed"
+    with Engine.from_pretrained(bad, policy=policy, device="cpu") as engine, pytest.raises(ValueError, match=message):
+        engine.generate([[2, 5, 6, 7]] * 4, 3)
+
+
+def test_check_finite_names_the_first_layer_with_inf_or_nan(tiny_opt: Path, tmp_path: Path) -> None:
+    def overflow(t: dict) -> None:  # finite weights whose sum overflows fp32 in block 1's MLP output
+        t["model.decoder.layers.1.self_attn.out_proj.bias"] = torch.full((64,), 3e38)
+        t["model.decoder.layers.1.fc2.bias"] = torch.full((64,), 3e38)
+
+    bad = _rewrite(tiny_opt, tmp_path / "bad", overflow)
+    with Engine.from_pretrained(bad, policy=Policy(gpu_batch_size=2, num_gpu_batches=2), device="cpu") as engine:
+        engine.check_finite = True
+        with pytest.raises(FloatingPointError, match=r"output of layer 4 \(mlp\), GPU batch 0, token 0"):
+            engine.generate([[2, 5, 6, 7]] * 4, 3)
+
+    fc2_b = "model.decoder.layers.1.fc2.bias"
+    inf_weight = _rewrite(tiny_opt, tmp_path / "inf", lambda t: t[fc2_b].fill_(float("inf")))
+    with Engine.from_pretrained(inf_weight, device="cpu") as engine:
+        engine.check_finite = True
+        with pytest.raises(FloatingPointError, match=r"weights \['fc2_b'\] of layer 4 \(mlp\)"):
+            engine.generate([[2, 5, 6, 7]], 3)
+
+
+def test_check_finite_passes_a_healthy_run_unchanged(tiny_opt: Path) -> None:
+    policy = Policy(weights=(0.5, 0.5, 0), cache=(0.5, 0.5, 0), acts=(0, 1, 0), compress_weights=True,
+                    compress_cache=True, gpu_batch_size=2, num_gpu_batches=2)
+    prompts = [[2, 5, 6, 7], [2, 9, 8], [2, 11], [2, 4, 4, 4, 4]]
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu") as engine:
+        plain = [g.token_ids for g in engine.generate(prompts, 4)]
+        engine.check_finite = True
+        assert [g.token_ids for g in engine.generate(prompts, 4)] == plain

@@ -77,3 +77,16 @@ def test_bad_inputs() -> None:
         quantize(torch.arange(4))
     with pytest.raises(ValueError, match="fp16"):
         quantize(torch.tensor([1e6, 0.0]))
+
+
+def test_deferred_check_sets_the_flag_instead_of_raising() -> None:
+    """With `invalid`, bad values are recorded on the tensor's device (no host sync) and clean ones are not."""
+    flag = torch.zeros((), dtype=torch.bool)
+    quantize(torch.randn(4, 128), invalid=flag)
+    assert not flag
+    for bad in (float("inf"), float("nan"), 1e6):
+        flag = torch.zeros((), dtype=torch.bool)
+        x = torch.randn(4, 128)
+        x[2, 70] = bad
+        quantize(x, invalid=flag)
+        assert flag, bad

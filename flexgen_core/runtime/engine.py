@@ -73,6 +73,7 @@ class Engine:
         self.offload, self.budget = offload, budget
         self.last_stats = CallStats()
         self.step_timing = False  # diagnostic: synchronize after every step and time it (slows runs down)
+        self.check_finite = False  # diagnostic: after every step, raise at the first layer output with inf/NaN
         self.plan: Plan = self._build_plan(None)
         self._check_plan(self.plan)
         self._cache: KVCache | None = None
@@ -309,6 +310,7 @@ class Engine:
         num_layers = self.spec.num_schedule_layers
         if self._cache is not None:
             self._cache.begin_block([b.rows for b in batches])
+            self._cache.check_finite = self.check_finite
         overlap = self.policy.overlap
         any_stops = bool((torch.cat([b.stop_ids for b in batches]) >= 0).any()) if sampler else False
         stats.blocks += 1
@@ -332,6 +334,8 @@ class Engine:
                     self._prefetch_inputs(batches, *step.next_step, acts=not late_acts)
             if step.batch == 0:
                 w = self.weights.materialize(step.layer, step.weight_slot)
+                if self.check_finite:
+                    self._check_weights(step.layer, step.token, w)
             self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
             if overlap and late_acts:
                 self._prefetch_inputs(batches, *step.next_step, cache=False)  # type: ignore[misc]
@@ -347,6 +351,8 @@ class Engine:
                 if step.layer == num_layers - 1:
                     if step.token == 0:
                         self._sync()
+                        if self._cache is not None:
+                            self._cache.check_values("prefill")
                         stats.prefill_s += time.perf_counter() - start
                         start = time.perf_counter()
                     else:
@@ -355,6 +361,8 @@ class Engine:
                         done_tokens = step.token + 1
                         break
         self.transfer.synchronize()
+        if self._cache is not None:
+            self._cache.check_values("decode")
         for part in (self._cache, self._acts):
             if part is not None:
                 part.finish_block()
@@ -377,7 +385,22 @@ class Engine:
             return b.hidden
         return self._acts.load(batch, b.rows, b.prompt_len if token == 0 else 1)
 
-    def _hidden_out(self, b: BatchState, batch: int, x: torch.Tensor) -> None:
+    def _check_weights(self, layer: int, token: int, w: dict[str, torch.Tensor]) -> None:
+        bad = [name for name, x in w.items() if x.is_floating_point() and not bool(torch.isfinite(x).all())]
+        if bad:
+            kind = self.plan.layer(layer).spec.kind.value
+            raise FloatingPointError(f"inf/NaN in the weights {bad} of layer {layer} ({kind}) as materialized for "
+                                     f"token {token}")
+
+    def _hidden_out(self, b: BatchState, batch: int, x: torch.Tensor, where: tuple[int, int] | None = None) -> None:
+        """Store layer output x; `where` = (token, layer) names it for the `check_finite` diagnostic."""
+        if self.check_finite and where is not None and not bool(torch.isfinite(x).all()):
+            token, layer = where
+            kind = self.plan.layer(layer).spec.kind.value
+            finite = x[torch.isfinite(x)]
+            largest = f"{finite.abs().max().item():.4g}" if finite.numel() else "none"
+            raise FloatingPointError(f"inf/NaN in the output of layer {layer} ({kind}), GPU batch {batch}, token "
+                                     f"{token} (largest finite |value| {largest}, dtype {x.dtype})")
         if self._acts is None:
             b.hidden = x
         else:
@@ -393,7 +416,7 @@ class Engine:
                 x = layers.embed(w, b.ids, b.prefill_positions(), spec)
             else:
                 x = layers.embed(w, b.last_tokens(token), b.decode_positions(token), spec)
-            self._hidden_out(b, batch, x.to(self.dtype))
+            self._hidden_out(b, batch, x.to(self.dtype), (token, layer))
             return
         x = self._hidden_in(b, batch, token)
         if kind == LayerKind.ATTN:
@@ -407,9 +430,9 @@ class Engine:
                 assert self._cache is not None
                 t = b.prompt_len + token - 1
                 attn = self._cache.decode(block_idx, batch, q[:, 0], k[:, 0], v[:, 0], b.valid[:, :t + 1], t)[:, None]
-            self._hidden_out(b, batch, layers.attention_output(w, x, attn, spec))
+            self._hidden_out(b, batch, layers.attention_output(w, x, attn, spec), (token, layer))
         elif kind == LayerKind.MLP:
-            self._hidden_out(b, batch, layers.mlp(w, x, spec))
+            self._hidden_out(b, batch, layers.mlp(w, x, spec), (token, layer))
         elif sampler is not None:
             logits = layers.logits(w, x[:, -1:], spec)[:, 0]  # (rows, v)
             tokens, logp = sampler.sample(logits, index[batch])

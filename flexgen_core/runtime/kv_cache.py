@@ -70,20 +70,25 @@ class SegmentLayout:
             self._full[key] = full
         return full.narrow(0, 0, length)
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor, invalid: torch.Tensor | None) -> list[torch.Tensor]:
         """Bytes to store for positions x: (n, rows, nh, d), one tensor per region of `regions`."""
         if not self.packed:
             return [x.contiguous().view(torch.uint8).reshape(-1)]
-        p = quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
+        p = quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1, invalid=invalid)
         return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
 
 
-def _quantize_kv(x: torch.Tensor, where: str) -> PackedTensor:
-    try:
-        return quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1)
-    except ValueError as exc:
-        raise ValueError(f"{exc} in the KV cache at {where}; the activations overflowed: run in bfloat16 or "
-                         "float32 (--dtype), or leave the cache uncompressed") from exc
+OVERFLOW_HINT = ("the activations overflowed: run in bfloat16 or float32 (--dtype), or leave the cache "
+                 "uncompressed")
+
+
+def _check_positions(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Diagnostic: raise naming the positions of (t, rows, nh, d) K/V tensors that hold inf/NaN."""
+    for name, x in tensors.items():
+        bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(f"inf/NaN in the {name} that decode attention reads, {where}: positions "
+                                     f"{bad[:8]}{' ...' if len(bad) > 8 else ''} of {x.shape[0]}")
 
 
 def _dense(x: torch.Tensor | PackedTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,12 +141,34 @@ class KVCache:
         self._segments: list[list[tuple[Tier, int, int]]] = []
         self._layouts: dict[int, SegmentLayout] = {}
         self._raws: dict[tuple[Tier, int, int, int], torch.Tensor] = {}
+        # (local transformer block, GPU batch): K/V that could not be quantized; set on the device without a
+        # host sync and checked by `check_values` where the engine syncs anyway
+        self.check_finite = False  # diagnostic: raise on inf/NaN in the K/V that decode attention reads
+        self._checking = ""  # the segment being attended, for the diagnostic's message
+        self._invalid = (torch.zeros(len(plan.blocks), self.policy.num_gpu_batches, dtype=torch.bool, device=device)
+                         if self.policy.compress_cache else None)
 
     # ---- block lifecycle ------------------------------------------------------------------------
     def begin_block(self, batch_rows: list[int]) -> None:
         self.finish_block()
         self.rows = list(batch_rows)
         self._segments = [self.plan.cache_split.segments(rows) for rows in self.rows]
+        if self._invalid is not None:
+            self._invalid.zero_()
+
+    def check_values(self, phase: str) -> None:
+        """Raise if any K/V written since `begin_block` could not be quantized (one host sync)."""
+        if self._invalid is None or not bool(self._invalid.any()):
+            return
+        block, batch = (int(i) for i in self._invalid.nonzero()[0])
+        raise ValueError(f"inf, NaN or values beyond fp16's range in the KV cache of transformer block "
+                         f"{block + self.first_block}, GPU batch {batch}, during {phase}: {OVERFLOW_HINT}")
+
+    def _invalid_flag(self, block: int, batch: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The deferred-check flag for K/V `x` computed on the device, or None (host data raises at once)."""
+        if self._invalid is None or x.device != self._invalid.device:
+            return None
+        return self._invalid[block - self.first_block, batch]
 
     def segments(self, batch: int) -> list[tuple[Tier, int, int]]:
         return self._segments[batch]
@@ -182,20 +209,21 @@ class KVCache:
         With `skip_in_place`, homes the attention step already wrote (GPU; CPU when delegated) are skipped.
         """
         tickets = self._stored.setdefault((block, batch), [])
-        mark = None
         for tier, r0, r1 in self.segments(batch):
             if skip_in_place and (tier == Tier.GPU or (tier == Tier.CPU and self.policy.cpu_attention)):
                 continue
             layout = self._layout(r1 - r0)
             regions = layout.regions(start, start + k.shape[0])
-            for kv, x in enumerate((k, v)):
-                data = self._encode(layout, x[:, r0:r1], block, batch, start)
+            encoded = [self._encode(layout, x[:, r0:r1], block, batch, start) for x in (k, v)]
+            # the copies below read what the encoding kernels write: order them after all of it (a mark taken
+            # before V was quantized let V's copy read unwritten bytes on CUDA)
+            mark = self.transfer.mark() if tier != Tier.GPU else DONE
+            for kv, data in enumerate(encoded):
                 if tier == Tier.GPU:
                     raw = self._home_raw(tier, block, batch, kv)
                     for (off, n), d in zip(regions, data, strict=True):
                         raw[off:off + n].copy_(d)
                     continue
-                mark = mark or self.transfer.mark()
                 if tier == Tier.CPU:
                     raw = self._home_raw(tier, block, batch, kv)
                     pairs = [(raw[off:off + n], d) for (off, n), d in zip(regions, data, strict=True)]
@@ -203,14 +231,13 @@ class KVCache:
                 else:
                     tickets.append(self._disk_store(block, batch, kv, regions, data, mark))
 
-    @staticmethod
-    def _encode(layout: SegmentLayout, x: torch.Tensor, block: int, batch: int, start: int) -> list[torch.Tensor]:
+    def _encode(self, layout: SegmentLayout, x: torch.Tensor, block: int, batch: int, start: int
+                ) -> list[torch.Tensor]:
         try:
-            return layout.encode(x)
+            return layout.encode(x, self._invalid_flag(block, batch, x))
         except ValueError as exc:  # name the place: non-finite K/V means the model overflowed its dtype
             raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, positions "
-                             f"{start}..{start + x.shape[0] - 1}; the activations overflowed: run in bfloat16 or "
-                             "float32 (--dtype), or leave the cache uncompressed") from exc
+                             f"{start}..{start + x.shape[0] - 1}; {OVERFLOW_HINT}") from exc
 
     def _disk_store(self, block: int, batch: int, kv: int, regions: list[tuple[int, int]],
                     data: list[torch.Tensor], mark: Ticket) -> Ticket:
@@ -273,7 +300,9 @@ class KVCache:
         outs = []
         for tier, r0, r1 in self.segments(batch):
             layout = self._layout(r1 - r0)
-            args = (q[r0:r1], k_new[r0:r1], v_new[r0:r1], valid[r0:r1], t)
+            args = (q[r0:r1], k_new[r0:r1], v_new[r0:r1], valid[r0:r1], t, (block, batch))
+            if self.check_finite:
+                self._checking = f"transformer block {block}, GPU batch {batch}, rows {r0}..{r1 - 1} ({tier.name} home)"
             if tier == Tier.GPU:
                 raws = [self._home_raw(tier, block, batch, kv) for kv in (0, 1)]
                 outs.append(self._attend_device(layout, raws, *args, v_from=None))
@@ -292,37 +321,50 @@ class KVCache:
         self.store(block, batch, t, k_new[None], v_new[None], skip_in_place=True)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    def _write_position(self, layout: SegmentLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]], t: int) -> None:
-        """Write one position: pairs of (raw buffer, x (rows, nh, d)), straight into the buffer's view."""
+    def _write_position(self, layout: SegmentLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]], t: int,
+                        place: tuple[int, int]) -> None:
+        """Write one position: pairs of (raw buffer, x (rows, nh, d)), straight into the buffer's view.
+        place: (transformer block, GPU batch)."""
         for raw, x in pairs:
             dst = layout.view(raw, t + 1)
             if isinstance(dst, PackedTensor):
-                p = _quantize_kv(x[None], f"decode position {t}")
+                p = self._encode_position(x, t, *place)
                 dst.codes[t].copy_(p.codes[0])
                 dst.scales[t].copy_(p.scales[0])
             else:
                 dst[t].copy_(x)
 
+    def _encode_position(self, x: torch.Tensor, t: int, block: int, batch: int) -> PackedTensor:
+        try:
+            return quantize(x[None], CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1,
+                            invalid=self._invalid_flag(block, batch, x))
+        except ValueError as exc:
+            raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, decode "
+                             f"position {t}; {OVERFLOW_HINT}") from exc
+
     def _attend_device(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
-                       v_new: torch.Tensor, valid: torch.Tensor, t: int,
+                       v_new: torch.Tensor, valid: torch.Tensor, t: int, place: tuple[int, int],
                        v_from: tuple[Tier, int, int] | None) -> torch.Tensor:
         """Attention on the device over raws = [K, V] buffers (home or slot); V rows from `v_from` if top-k."""
         pairs = [(raws[0], k_new)] if v_from else [(raws[0], k_new), (raws[1], v_new)]
-        self._write_position(layout, pairs, t)
+        self._write_position(layout, pairs, t, place)
         keys = self._dequant(layout.view(raws[0], t + 1), 0)
         if self.policy.attn_topk >= 1.0:
             values = self._dequant(layout.view(raws[1], t + 1), 1)
+            if self.check_finite:
+                _check_positions({"K": keys, "V": values}, self._checking)
             return layers.decode_attention(q, keys, values, valid)
         if v_from is None:
             return self._topk(q, keys, valid, t, lambda idx: self._gather(layout, raws[1], idx), v_new)
         return self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
 
     def _attend_host(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
-                     v_new: torch.Tensor, valid: torch.Tensor, t: int, v_from: tuple[Tier, int, int]) -> torch.Tensor:
+                     v_new: torch.Tensor, valid: torch.Tensor, t: int, place: tuple[int, int],
+                     v_from: tuple[Tier, int, int]) -> torch.Tensor:
         """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace)."""
         q, k_new, v_new = torch.stack((q, k_new, v_new)).to("cpu")  # one device->host transfer
         valid = valid.to("cpu")
-        self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t)
+        self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t, place)
         host_dtype = torch.float32 if layout.packed else layout.dtype
         keys = _dense(layout.view(raws[0], t + 1), host_dtype)
         if self.policy.attn_topk >= 1.0:

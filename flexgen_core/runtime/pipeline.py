@@ -307,6 +307,8 @@ class PipelineEngine(Engine):
                     stats.decode_steps += 1
         g.flush()
         self.transfer.synchronize()
+        if self._cache is not None:
+            self._cache.check_values("generation")
         for part in (self._cache, self._acts):
             if part is not None:
                 part.finish_block()

@@ -1,0 +1,65 @@
+"""Stream-ordering rules that only a GPU would break, checked on the CPU by recording the engine's calls.
+
+On CUDA, a device->host copy runs on a side stream after a compute-stream mark; the mark must come after
+every kernel that writes the copy's source. (A mark taken between quantizing K and V let V's copy read
+unwritten bytes: inf/NaN in the 4-bit KV cache on the H100, never on the CPU, where compute is synchronous.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flexgen_core import Engine, Policy
+from flexgen_core.runtime.kv_cache import KVCache
+from flexgen_core.runtime.transfer import Ticket, Transfer
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(cache=(0.25, 0.75, 0), compress_cache=True, gpu_batch_size=4, num_gpu_batches=2),
+    Policy(cache=(0, 0.5, 0.5), compress_cache=True, gpu_batch_size=4, num_gpu_batches=2),
+    Policy(cache=(0, 1, 0), gpu_batch_size=4, num_gpu_batches=2),
+], ids=["compressed-gpu-cpu", "compressed-cpu-disk", "dense-cpu"])
+def test_cache_stores_are_marked_after_their_data_is_encoded(tiny_opt: Path, offload_dir: Path, policy: Policy,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[tuple[str, Any]] = []
+    marks: dict[int, int] = {}  # id(ticket) -> index in log
+    real_mark, real_encode = Transfer.mark, KVCache._encode
+    real_copy, real_disk_store = Transfer.copy, KVCache._disk_store
+
+    def mark(self: Transfer) -> Ticket:
+        ticket = Ticket(parts=[real_mark(self)])  # a distinct object per mark
+        marks[id(ticket)] = len(log)
+        log.append(("mark", ticket))
+        return ticket
+
+    def encode(self: KVCache, *args: Any) -> Any:
+        log.append(("encode", None))
+        return real_encode(self, *args)
+
+    def copy(self: Transfer, pairs: Any, after: Any = (), store: bool = False) -> Ticket:
+        if store:
+            log.append(("store", [a for a in after if a is not None]))
+        return real_copy(self, pairs, after, store)
+
+    def disk_store(self: KVCache, block: int, batch: int, kv: int, regions: Any, data: Any, mark: Ticket) -> Ticket:
+        log.append(("store", [mark]))
+        return real_disk_store(self, block, batch, kv, regions, data, mark)
+
+    monkeypatch.setattr(Transfer, "mark", mark)
+    monkeypatch.setattr(KVCache, "_encode", encode)
+    monkeypatch.setattr(Transfer, "copy", copy)
+    monkeypatch.setattr(KVCache, "_disk_store", disk_store)
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
+        engine.generate([[2, 5, 6, 7, 8]] * 8, 4)
+
+    stores = [(i, after) for i, (kind, after) in enumerate(log) if kind == "store"]
+    assert stores
+    for i, after in stores:
+        ordered_by = [marks[id(t)] for t in after if id(t) in marks]
+        assert ordered_by, f"store at {i} is not ordered after any compute mark"
+        last_mark = max(ordered_by)
+        encodes_since = [j for j in range(last_mark, i) if log[j][0] == "encode"]
+        assert not encodes_since, f"store at {i} may read data encoded after its mark (log {last_mark}..{i})"
