@@ -39,6 +39,9 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0,1,0 --acts 0,1,0",
         f"--model opt-30b --dummy {W} --gpu-mem-gib 20 {CW_64X4} --cache 0.15625,0.84375,0 --acts 1,0,0",
     ],
+    "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
     "visit6f": [  # 175B 4-bit again: the cache's quantize no longer syncs the host three times per call
         f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
     ],

@@ -55,6 +55,7 @@ class LayerTerms:
     cpu: Linear  # CPU-delegated attention (serial with the device kernels of its batch)
     overhead_s: float  # host-side step overhead, all batches
     serial_host: bool  # the host waits for the device inside a step (CPU device, or delegated attention)
+    shared_host: Linear | None = None  # delegated attention on CUDA: CPU attention and the DMA share host RAM
 
     def bounds(self, overlap: bool) -> list[Linear]:
         """Lower bounds on the step's time; the step time is their maximum."""
@@ -62,6 +63,8 @@ class LayerTerms:
             compute = [self.device + self.cpu + self.overhead_s]
         else:  # device kernels run while the host issues the next ones
             compute = [self.device + self.cpu, self.cpu + self.overhead_s]
+        if self.shared_host is not None:
+            compute.append(self.shared_host)
         if not overlap:
             io = self.h2d + self.d2h + self.disk_read + self.disk_write
             return [c + io for c in compute]
@@ -170,8 +173,20 @@ class CostModel:
             h2d, d2h = h2d + a["h2d"], d2h + a["d2h"]
             disk_read, disk_write = disk_read + a["disk_read"], disk_write + a["disk_write"]
             device, cpu = device + a["device"], cpu + a["cpu"]
-        serial = not self.cuda or (p.cpu_attention and kind == LayerKind.ATTN and not prefill)
-        return LayerTerms(h2d, d2h, disk_read, disk_write, device, cpu, k * prof.step_overhead_s, serial)
+        delegated = p.cpu_attention and kind == LayerKind.ATTN and not prefill
+        overhead = k * prof.step_overhead_s
+        shared = None
+        if self.cuda and delegated:
+            # CPU attention streams the cache from host RAM while the DMA engines read the next weights from it.
+            # They contend (measured on the H100 box, visits 4 and 6): their bytes share the fitted host
+            # bandwidth, or without one they run in series. (fp16 attention reads about one byte per FLOP.)
+            if prof.host_memory_shared_gbps:
+                host_bytes = cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
+                shared = host_bytes / (prof.host_memory_shared_gbps * 1e9) + overhead
+            else:
+                shared = cpu + h2d + overhead
+        return LayerTerms(h2d, d2h, disk_read, disk_write, device, cpu, overhead,
+                          serial_host=not self.cuda or delegated, shared_host=shared)
 
     def _attention(self, prefill: bool) -> dict[str, Linear]:
         """Attention-core and KV-cache terms of one attention layer, all GPU batches."""

@@ -48,6 +48,9 @@ class HardwareProfile:
     cpu_dequant_gelems_per_s: float  # 4-bit dequantization on the CPU (compressed cache, delegated attention)
     step_overhead_us: float  # host-side cost of one schedule step (one layer of one GPU batch)
     notes: str = ""
+    # host RAM bandwidth that CPU-delegated attention and the host->device DMA share when they run together
+    # (fitted from delegated runs; None: the cost model counts the two in series)
+    host_memory_shared_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):
@@ -61,6 +64,9 @@ class HardwareProfile:
                     raise ProfileError(f"profile field {f.name} must be a number, got {value!r}")
                 if value < 0 or (value == 0 and f.name != "step_overhead_us"):
                     raise ProfileError(f"profile field {f.name} must be positive, got {value!r}")
+        shared = self.host_memory_shared_gbps
+        if shared is not None and (isinstance(shared, bool) or not isinstance(shared, (int, float)) or shared <= 0):
+            raise ProfileError(f"profile field host_memory_shared_gbps must be a positive number, got {shared!r}")
 
     # ---- rates in SI units, for the cost model -------------------------------------------------
     def h2d_bytes_per_s(self, pinned: bool = True) -> float:
@@ -115,7 +121,8 @@ class HardwareProfile:
             raise ProfileError(f"{source}: expected a mapping of profile fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name != "notes")
+        optional = ("notes", "host_memory_shared_gbps")
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name not in optional)
         if unknown or missing:
             parts = []
             if missing:
