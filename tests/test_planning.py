@@ -117,6 +117,25 @@ def test_terms_follow_the_work_they_model() -> None:
     assert est.peak_bytes == {t.value: b for t, b in build_plan(spec, base, W512, 2, "cuda").bytes_per_tier().items()}
 
 
+def test_delegated_decode_shares_host_memory_with_the_weight_dma() -> None:
+    """CPU attention and the H2D of the next weights both read host RAM: in series without a shared bandwidth,
+    their bytes over it with one; either way the delegated decode step is slower than their maximum."""
+    spec = builtin_spec("opt-30b")
+    policy = Policy(24, 4, weights=(0.2, 0.8, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
+    serial = estimate(spec, policy, W512, T4.with_(host_memory_shared_gbps=None)).breakdown["decode"]["attn"]
+    assert serial["step"] == pytest.approx(serial["cpu_attention"] + serial["h2d"] + serial["overhead"])
+    bw = 20.0
+    shared = estimate(spec, policy, W512, T4.with_(host_memory_shared_gbps=bw)).breakdown["decode"]["attn"]
+    host_bytes = shared["cpu_attention"] * T4.cpu_attention_flops + shared["h2d"] * T4.h2d_bytes_per_s()
+    assert shared["step"] == pytest.approx(max(host_bytes / (bw * 1e9) + shared["overhead"],
+                                               shared["device"] + shared["cpu_attention"] + shared["overhead"]))
+    assert shared["step"] > max(shared["cpu_attention"], shared["h2d"])
+    # attention on the device does not touch host RAM from the CPU: no shared term
+    streamed = estimate(spec, policy.with_(cpu_attention=False), W512, T4.with_(host_memory_shared_gbps=bw))
+    attn = streamed.breakdown["decode"]["attn"]
+    assert attn["step"] == pytest.approx(max(attn["h2d"], attn["d2h"], attn["device"], attn["overhead"]))
+
+
 def _random_split(rng: random.Random) -> tuple[float, float, float]:
     a, b = sorted([rng.random(), rng.random()])
     g, c = round(a, 3), round(b - a, 3)

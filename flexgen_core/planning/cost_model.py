@@ -64,7 +64,7 @@ class LayerTerms:
         else:  # device kernels run while the host issues the next ones
             compute = [self.device + self.cpu, self.cpu + self.overhead_s]
         if self.shared_host is not None:
-            compute.append(self.shared_host)
+            compute.append(self.shared_host + self.overhead_s)
         if not overlap:
             io = self.h2d + self.d2h + self.disk_read + self.disk_write
             return [c + io for c in compute]
@@ -182,9 +182,9 @@ class CostModel:
             # bandwidth, or without one they run in series. (fp16 attention reads about one byte per FLOP.)
             if prof.host_memory_shared_gbps:
                 host_bytes = cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
-                shared = host_bytes / (prof.host_memory_shared_gbps * 1e9) + overhead
+                shared = host_bytes / (prof.host_memory_shared_gbps * 1e9)
             else:
-                shared = cpu + h2d + overhead
+                shared = cpu + h2d
         return LayerTerms(h2d, d2h, disk_read, disk_write, device, cpu, overhead,
                           serial_host=not self.cuda or delegated, shared_host=shared)
 
