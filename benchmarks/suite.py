@@ -23,6 +23,7 @@ GIB = 1 << 30
 W = "--prompt-len 512 --gen-len 32"
 
 T4_LIKE = "--gpu-mem-gib 16"
+CPU_W = "--device cpu --prompt-len 128 --gen-len 16"
 # the 4-bit OPT-30B policy the LP chose for the T4-like budget with 80 GiB of host RAM (visit 6)
 CW_64X4 = ("--cpu-mem-gib 80 --gpu-batch-size 64 --num-gpu-batches 4 --weights 0.0052,0.9948,0 --compress-weights "
            "--compress-cache")
@@ -38,6 +39,20 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 --no-overlap",
         f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0,1,0 --acts 0,1,0",
         f"--model opt-30b --dummy {W} --gpu-mem-gib 20 {CW_64X4} --cache 0.15625,0.84375,0 --acts 1,0,0",
+    ],
+    # issue 4's CPU-box validation: `python benchmarks/suite.py --suite cpu_box --profile profiles/cpu-2core.yaml`
+    # on the 2-core dev box (nothing else running); prediction vs measurement per policy
+    "cpu_box": [
+        f"--model opt-125m --dummy {CPU_W} --policy auto --profile {{profile}}",
+        f"--model opt-125m --dummy {CPU_W} --gpu-batch-size 8 --num-gpu-batches 2 --profile {{profile}}",
+        f"--model opt-125m --dummy {CPU_W} --gpu-batch-size 8 --num-gpu-batches 2 --weights 0,1,0 "
+        "--profile {profile}",
+        f"--model opt-125m --dummy {CPU_W} --gpu-batch-size 8 --num-gpu-batches 2 --cache 0,1,0 --acts 0,1,0 "
+        "--profile {profile}",
+        f"--model opt-125m --dummy {CPU_W} --gpu-batch-size 8 --num-gpu-batches 2 --weights 0.5,0,0.5 "
+        "--profile {profile}",
+        f"--model flexgen_core/assets/tiny-opt {CPU_W} --policy auto --profile {{profile}}",
+        f"--model flexgen_core/assets/tiny-opt {CPU_W} --gpu-batch-size 16 --num-gpu-batches 1 --profile {{profile}}",
     ],
     "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",

@@ -136,6 +136,19 @@ def test_delegated_decode_shares_host_memory_with_the_weight_dma() -> None:
     assert attn["step"] == pytest.approx(max(attn["h2d"], attn["d2h"], attn["device"], attn["overhead"]))
 
 
+def test_elementwise_traffic_adds_its_bytes_over_the_measured_rate() -> None:
+    spec = builtin_spec("opt-125m")
+    policy = Policy(8, 2)
+    cpu = HardwareProfile.load(PROFILES / "cpu-2core.yaml")
+    without = estimate(spec, policy, W512, cpu.with_(device_elementwise_gbps=None)).breakdown["prefill"]
+    with_term = estimate(spec, policy, W512, cpu).breakdown["prefill"]
+    tokens, h, f, db = 8 * 2 * 512, spec.hidden_size, spec.ffn_dim, 4  # fp32 on the CPU
+    rate = cpu.device_elementwise_gbps * 1e9
+    assert with_term["mlp"]["device"] - without["mlp"]["device"] == pytest.approx(tokens * (5 * h + 2 * f) * db / rate)
+    assert with_term["attn"]["device"] - without["attn"]["device"] == pytest.approx(tokens * 13 * h * db / rate)
+    assert with_term["head"]["device"] == without["head"]["device"]
+
+
 def _random_split(rng: random.Random) -> tuple[float, float, float]:
     a, b = sorted([rng.random(), rng.random()])
     g, c = round(a, 3), round(b - a, 3)

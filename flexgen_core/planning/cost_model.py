@@ -161,6 +161,11 @@ class CostModel:
             disk_read = disk_read + Linear.of("acts", "disk", coef=act) / prof.disk_read_bytes_per_s
         if p.compress_weights and kind != LayerKind.EMBED:  # dequantized once per layer step, all batches
             device = device + self.matrix_elems[kind] / prof.dequant_elems_per_s
+        if prof.device_elementwise_gbps and kind in (LayerKind.ATTN, LayerKind.MLP):
+            # around the matmuls: LayerNorm (read, write), residual add (2 reads, a write), and the head
+            # reshapes of q, k, v and the output (attention) or ReLU over the ffn activations (MLP, in place)
+            per_token = (5 + 8) * h if kind == LayerKind.ATTN else 5 * h + 2 * self.spec.ffn_dim
+            device = device + k * b * width * per_token * self.db / (prof.device_elementwise_gbps * 1e9)
         if kind == LayerKind.EMBED:
             device = device + k * 3 * b * width * h * self.db / prof.device_memory_bytes_per_s
         elif kind == LayerKind.MLP:

@@ -51,6 +51,9 @@ class HardwareProfile:
     # host RAM bandwidth that CPU-delegated attention and the host->device DMA share when they run together
     # (fitted from delegated runs; None: the cost model counts the two in series)
     host_memory_shared_gbps: float | None = None
+    # memory-bound elementwise kernels around the matmuls (ReLU, residual adds, LayerNorm), bytes/s; None: not
+    # modeled (profiles measured before the probe had it)
+    device_elementwise_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):
@@ -64,9 +67,10 @@ class HardwareProfile:
                     raise ProfileError(f"profile field {f.name} must be a number, got {value!r}")
                 if value < 0 or (value == 0 and f.name != "step_overhead_us"):
                     raise ProfileError(f"profile field {f.name} must be positive, got {value!r}")
-        shared = self.host_memory_shared_gbps
-        if shared is not None and (isinstance(shared, bool) or not isinstance(shared, (int, float)) or shared <= 0):
-            raise ProfileError(f"profile field host_memory_shared_gbps must be a positive number, got {shared!r}")
+        for name in ("host_memory_shared_gbps", "device_elementwise_gbps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ProfileError(f"profile field {name} must be a positive number, got {value!r}")
 
     # ---- rates in SI units, for the cost model -------------------------------------------------
     def h2d_bytes_per_s(self, pinned: bool = True) -> float:
@@ -121,7 +125,7 @@ class HardwareProfile:
             raise ProfileError(f"{source}: expected a mapping of profile fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        optional = ("notes", "host_memory_shared_gbps")
+        optional = ("notes", "host_memory_shared_gbps", "device_elementwise_gbps")
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name not in optional)
         if unknown or missing:
             parts = []

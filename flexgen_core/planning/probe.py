@@ -116,6 +116,21 @@ class _Prober:
         t = self.timed(lambda: F.linear(x, w), reps=10)
         return w.numel() * w.element_size() / t / GB
 
+    def elementwise_gbps(self) -> float:
+        """Bytes/s of the memory-bound work around the matmuls, timed on what a layer does: a LayerNorm and
+        a (batch, seq, heads, head_dim) -> (batch, heads, seq, head_dim) copy of a prefill activation."""
+        import torch.nn.functional as F
+
+        b, s, nh, d = (64, 512, 32, 128) if self.cuda else ((8 if self.quick else 64), 512, 8, 64)
+        x = torch.randn(b, s, nh * d, dtype=self.dtype, device=self.device)
+
+        def work() -> None:
+            F.layer_norm(x, (nh * d,))  # read + write
+            x.view(b, s, nh, d).transpose(1, 2).contiguous()  # read + write
+
+        t = self.timed(work, reps=5)
+        return 4 * x.numel() * x.element_size() / t / GB
+
     def dequant_gelems(self, on_cpu: bool = False) -> float:
         """4-bit dequantization rate (output elements/s) on the device, or on the CPU into fp32 as the
         delegated attention over a compressed cache does."""
@@ -193,6 +208,7 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             ("device_matmul_tflops", p.matmul_tflops),
             ("device_bmm_tflops", p.bmm_tflops),
             ("device_memory_gbps", p.device_memory_gbps),
+            ("device_elementwise_gbps", p.elementwise_gbps),
             ("device_dequant_gelems_per_s", p.dequant_gelems),
             ("cpu_attention_gflops", p.cpu_attention_gflops),
             ("cpu_dequant_gelems_per_s", lambda: p.dequant_gelems(on_cpu=True)),
