@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,33 @@ def prefect_harness() -> Iterator[None]:
 def eval_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory the evaluation can run: tiny random OPT (window 256) + tokenizer.json."""
     return make_eval_model(tmp_path_factory.mktemp("eval_model") / "tiny-eval")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is much faster than two spinning on a 2-core box (use per module with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def without_logprobs(obj: Any, floats: list[float]) -> Any:
+    """`obj` (parsed output JSON) with every "logprob" value, and the numbers of the `logprob` stat, moved out
+    into `floats`: other batch shapes round the matmuls differently, so those compare with a tolerance."""
+    if isinstance(obj, list):
+        return [without_logprobs(v, floats) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    is_logprob_stat = isinstance(obj.get("name"), dict) and obj["name"].get("name") == "logprob"
+    keep = {}
+    for k, v in obj.items():
+        if isinstance(v, float) and (k == "logprob" or (is_logprob_stat and k != "count")):
+            floats.append(v)
+        else:
+            keep[k] = without_logprobs(v, floats)
+    return keep
+

@@ -11,12 +11,12 @@ import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_opt
+from conftest import make_opt, without_logprobs
 
 from flexgen_core.evaluation.commands import register
 from flexgen_core.evaluation.outputs import (
@@ -55,15 +55,7 @@ MAX_EVAL = 5
 ALL_OUTPUTS = (*HELM_RUN_FILES, EFFICIENCY_FILE, POLICY_FILE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is ~100x faster than two spinning on this 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -210,22 +202,6 @@ def test_resume_after_crash_generates_only_the_rest(model_dir: Path, full_run: P
     assert sum(len(c.requests) for c in everything) == sum(len(RunStore(d, readonly=True)) for d in _run_dirs(out))
 
 
-def _without_logprobs(obj: Any, floats: list[float]) -> Any:
-    """`obj` with every "logprob" value, and the numbers of the `logprob` stat, moved out into `floats`."""
-    if isinstance(obj, list):
-        return [_without_logprobs(v, floats) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    is_logprob_stat = isinstance(obj.get("name"), dict) and obj["name"].get("name") == "logprob"
-    keep = {}
-    for k, v in obj.items():
-        if isinstance(v, float) and (k == "logprob" or (is_logprob_stat and k != "count")):
-            floats.append(v)
-        else:
-            keep[k] = _without_logprobs(v, floats)
-    return keep
-
-
 def test_chunking_does_not_change_results(model_dir: Path, full_run: Path, separate_entry: str,
                                           tmp_path: Path) -> None:
     """Block size 5 vs 2: identical texts, tokens, finish reasons and scores. Logprobs agree to float noise only:
@@ -237,8 +213,8 @@ def test_chunking_does_not_change_results(model_dir: Path, full_run: Path, separ
         for name in (SCENARIO_STATE_FILE, STATS_FILE, "per_instance_stats.json"):
             a_floats: list[float] = []
             b_floats: list[float] = []
-            a = _without_logprobs(read_json(five / name), a_floats)
-            b = _without_logprobs(read_json(two / name), b_floats)
+            a = without_logprobs(read_json(five / name), a_floats)
+            b = without_logprobs(read_json(two / name), b_floats)
             assert a == b, name
             assert len(a_floats) == len(b_floats) and all(
                 math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4) for x, y in zip(a_floats, b_floats, strict=True))

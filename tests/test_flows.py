@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,15 +24,7 @@ MCQA = "simple_mcqa"
 ENGINE = EngineParams(profile="cpu-2core", gpu_batch_size=2, num_gpu_batches=1)  # the LP places, shape fixed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is much faster than two spinning on a 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(model: Path, out: Path, entries: list[str] | None = None, **kw: Any) -> EvaluateParams:

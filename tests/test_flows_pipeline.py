@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import without_logprobs
 from pydantic import ValidationError
 
 from flexgen_core.evaluation.outputs import (
@@ -69,23 +70,6 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in (out / "runs" / "default").iterdir() if p.is_dir())
 
 
-def _without_logprobs(obj: Any, floats: list[float]) -> Any:
-    """`obj` with every "logprob" value, and the numbers of the `logprob` stat, moved out into `floats` (as in
-    tests/test_eval_runner.py: other batch shapes round the matmuls differently)."""
-    if isinstance(obj, list):
-        return [_without_logprobs(v, floats) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    is_logprob_stat = isinstance(obj.get("name"), dict) and obj["name"].get("name") == "logprob"
-    keep = {}
-    for k, v in obj.items():
-        if isinstance(v, float) and (k == "logprob" or (is_logprob_stat and k != "count")):
-            floats.append(v)
-        else:
-            keep[k] = _without_logprobs(v, floats)
-    return keep
-
-
 def assert_same_outputs(out: Path, reference: Path) -> None:
     """Same texts, tokens, finish reasons and scores; log-probs equal up to float noise."""
     dirs, refs = _run_dirs(out), _run_dirs(reference)
@@ -94,8 +78,8 @@ def assert_same_outputs(out: Path, reference: Path) -> None:
         for name in COMPARED:
             a_floats: list[float] = []
             b_floats: list[float] = []
-            a = _without_logprobs(read_json(d / name), a_floats)
-            b = _without_logprobs(read_json(ref / name), b_floats)
+            a = without_logprobs(read_json(d / name), a_floats)
+            b = without_logprobs(read_json(ref / name), b_floats)
             assert a == b, f"{d.name}/{name}"
             assert len(a_floats) == len(b_floats) and all(
                 math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4) for x, y in zip(a_floats, b_floats, strict=True))

@@ -158,16 +158,11 @@ class Engine:
         top_logprobs: also return, per generated token, the `top_logprobs` most likely tokens and their
         log-probabilities (HELM's top_logprobs; the full distribution with top_logprobs = vocab size).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= top_logprobs <= self.spec.vocab_size:
             raise ValueError(f"top_logprobs must be in [0, {self.spec.vocab_size}], got {top_logprobs}")
-        self._check_prompts(prompts, max_new_tokens)
-        stops = normalize_stop_ids(stop_token_ids, len(prompts))
-        sampler = Sampler(temperature, top_p, seed, self.device)
+        stops, sampler, stats = self._begin_generate(prompts, max_new_tokens, temperature, top_p, seed,
+                                                     stop_token_ids)
         results: list[Generation | None] = [None] * len(prompts)
-        stats = self._begin_call(prompts)
-        self._prepare(Workload(max(len(p) for p in prompts), max_new_tokens), need_cache=max_new_tokens > 1)
         for block in plan_blocks(len(prompts), self.policy.block_size, self.policy.gpu_batch_size):
             s = max(len(prompts[i]) for batch in block for i in batch)
             batches = [make_batch([prompts[i] for i in b], s, max_new_tokens, self.spec.pad_token_id,
@@ -181,8 +176,21 @@ class Engine:
         self._end_call(stats)
         return results  # type: ignore[return-value]
 
-    def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[Score]:
-        """Log-likelihood of each continuation given its context (one prefill pass, no sampling)."""
+    def _begin_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int | None, stop_token_ids: Sequence[int] | Sequence[Sequence[int]]
+                        ) -> tuple[list[list[int]], Sampler, CallStats]:
+        """Validate a generate call and prepare the engine for it: (stop ids per prompt, sampler, call stats)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_prompts(prompts, max_new_tokens)
+        stops = normalize_stop_ids(stop_token_ids, len(prompts))
+        sampler = Sampler(temperature, top_p, seed, self.device)
+        stats = self._begin_call(prompts)
+        self._prepare(Workload(max(len(p) for p in prompts), max_new_tokens), need_cache=max_new_tokens > 1)
+        return stops, sampler, stats
+
+    def _score_sequences(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[list[int]]:
+        """Validated context + continuation token lists (an empty context becomes BOS)."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         if any(len(c) == 0 for c in continuations):
@@ -190,6 +198,11 @@ class Engine:
         contexts = [list(c) if c else [self.spec.bos_token_id] for c in contexts]
         seqs = [c + list(x) for c, x in zip(contexts, continuations, strict=True)]
         self._check_prompts(seqs, 0)
+        return seqs
+
+    def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[Score]:
+        """Log-likelihood of each continuation given its context (one prefill pass, no sampling)."""
+        seqs = self._score_sequences(contexts, continuations)
         results: list[Score | None] = [None] * len(seqs)
         stats = self._begin_call(seqs)
         self._prepare(Workload(max(len(x) for x in seqs), 1), need_cache=False)

@@ -70,12 +70,6 @@ class SegmentLayout:
             self._full[key] = full
         return full.narrow(0, 0, length)
 
-    def encode(self, x: torch.Tensor, invalid: torch.Tensor | None) -> list[torch.Tensor]:
-        """Bytes to store for positions x: (n, rows, nh, d), one tensor per region of `regions`."""
-        if not self.packed:
-            return [x.contiguous().view(torch.uint8).reshape(-1)]
-        p = quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1, invalid=invalid)
-        return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
 
 
 OVERFLOW_HINT = ("the activations overflowed: run in bfloat16 or float32 (--dtype), or leave the cache "
@@ -144,7 +138,6 @@ class KVCache:
         # (local transformer block, GPU batch): K/V that could not be quantized; set on the device without a
         # host sync and checked by `check_values` where the engine syncs anyway
         self.check_finite = False  # diagnostic: raise on inf/NaN in the K/V that decode attention reads
-        self._checking = ""  # the segment being attended, for the diagnostic's message
         self._invalid = (torch.zeros(len(plan.blocks), self.policy.num_gpu_batches, dtype=torch.bool, device=device)
                          if self.policy.compress_cache else None)
 
@@ -233,8 +226,17 @@ class KVCache:
 
     def _encode(self, layout: SegmentLayout, x: torch.Tensor, block: int, batch: int, start: int
                 ) -> list[torch.Tensor]:
+        """Bytes to store for positions [start, start+n) x: (n, rows, nh, d), one tensor per region of `regions`."""
+        if not layout.packed:
+            return [x.contiguous().view(torch.uint8).reshape(-1)]
+        p = self._quantize(x, block, batch, start)
+        return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
+
+    def _quantize(self, x: torch.Tensor, block: int, batch: int, start: int) -> PackedTensor:
+        """4-bit K/V of positions [start, start+n); device data is checked later (`check_values`)."""
         try:
-            return layout.encode(x, self._invalid_flag(block, batch, x))
+            return quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1,
+                            invalid=self._invalid_flag(block, batch, x))
         except ValueError as exc:  # name the place: non-finite K/V means the model overflowed its dtype
             raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, positions "
                              f"{start}..{start + x.shape[0] - 1}; {OVERFLOW_HINT}") from exc
@@ -301,8 +303,6 @@ class KVCache:
         for tier, r0, r1 in self.segments(batch):
             layout = self._layout(r1 - r0)
             args = (q[r0:r1], k_new[r0:r1], v_new[r0:r1], valid[r0:r1], t, (block, batch))
-            if self.check_finite:
-                self._checking = f"transformer block {block}, GPU batch {batch}, rows {r0}..{r1 - 1} ({tier.name} home)"
             if tier == Tier.GPU:
                 raws = [self._home_raw(tier, block, batch, kv) for kv in (0, 1)]
                 outs.append(self._attend_device(layout, raws, *args, v_from=None))
@@ -328,19 +328,11 @@ class KVCache:
         for raw, x in pairs:
             dst = layout.view(raw, t + 1)
             if isinstance(dst, PackedTensor):
-                p = self._encode_position(x, t, *place)
+                p = self._quantize(x[None], *place, t)
                 dst.codes[t].copy_(p.codes[0])
                 dst.scales[t].copy_(p.scales[0])
             else:
                 dst[t].copy_(x)
-
-    def _encode_position(self, x: torch.Tensor, t: int, block: int, batch: int) -> PackedTensor:
-        try:
-            return quantize(x[None], CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1,
-                            invalid=self._invalid_flag(block, batch, x))
-        except ValueError as exc:
-            raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, decode "
-                             f"position {t}; {OVERFLOW_HINT}") from exc
 
     def _attend_device(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
                        v_new: torch.Tensor, valid: torch.Tensor, t: int, place: tuple[int, int],
@@ -352,7 +344,8 @@ class KVCache:
         if self.policy.attn_topk >= 1.0:
             values = self._dequant(layout.view(raws[1], t + 1), 1)
             if self.check_finite:
-                _check_positions({"K": keys, "V": values}, self._checking)
+                _check_positions({"K": keys, "V": values}, f"transformer block {place[0]}, GPU batch {place[1]}, "
+                                 f"a {layout.rows}-row segment read on the device")
             return layers.decode_attention(q, keys, values, valid)
         if v_from is None:
             return self._topk(q, keys, valid, t, lambda idx: self._gather(layout, raws[1], idx), v_new)

@@ -44,7 +44,7 @@ from flexgen_core.plan import GIB, MemoryBudget, Plan, PlanDoesNotFit, Workload,
 from flexgen_core.planning.hardware import HardwareProfile, resolve_profile
 from flexgen_core.policy import Policy
 from flexgen_core.runtime import checkpoint as ckpt_io
-from flexgen_core.runtime.block import BatchState, Sampler, make_batch, normalize_stop_ids, plan_blocks
+from flexgen_core.runtime.block import BatchState, Sampler, make_batch, plan_blocks
 from flexgen_core.runtime.checkpoint import Checkpoint
 from flexgen_core.runtime.engine import Engine, _generation, memory_budget
 from flexgen_core.runtime.memory import OffloadDir
@@ -184,14 +184,9 @@ class PipelineEngine(Engine):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids: Sequence[int] | Sequence[Sequence[int]] = (),
                  return_logprobs: bool = False) -> list[Generation]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_prompts(prompts, max_new_tokens)
-        stops = normalize_stop_ids(stop_token_ids, len(prompts))
-        sampler = Sampler(temperature, top_p, seed, self.device)
+        stops, sampler, stats = self._begin_generate(prompts, max_new_tokens, temperature, top_p, seed,
+                                                     stop_token_ids)
         results: list[Generation | None] = [None] * len(prompts)
-        stats = self._begin_call(prompts)
-        self._prepare(Workload(max(len(p) for p in prompts), max_new_tokens), need_cache=max_new_tokens > 1)
         for blocks in self._flights(len(prompts)):
             micro = [[make_batch([prompts[i] for i in b], max(len(prompts[i]) for bb in block for i in bb),
                                  max_new_tokens, self.spec.pad_token_id, [stops[i] for i in b], self.device)
@@ -208,13 +203,7 @@ class PipelineEngine(Engine):
         return results  # type: ignore[return-value]
 
     def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[Score]:
-        if len(contexts) != len(continuations):
-            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        if any(len(c) == 0 for c in continuations):
-            raise ValueError("every continuation needs at least one token")
-        contexts = [list(c) if c else [self.spec.bos_token_id] for c in contexts]
-        seqs = [c + list(x) for c, x in zip(contexts, continuations, strict=True)]
-        self._check_prompts(seqs, 0)
+        seqs = self._score_sequences(contexts, continuations)
         results: list[Score | None] = [None] * len(seqs)
         stats = self._begin_call(seqs)
         self._prepare(Workload(max(len(x) for x in seqs), 1), need_cache=False)
