@@ -1,5 +1,7 @@
 """`flexgen eval RUN_ENTRY...`: the `evaluate` flow run in this process (Prefect's embedded server, SQLite).
 
+Prefect's embedded server is started first, in a child process, so that its start-up overlaps the imports
+(`flows.embedded_server`); with PREFECT_API_URL set, the flow uses that server instead.
 Registered as a `flexgen` subcommand through the `flexgen.commands` entry point. Parameters are validated
 before Prefect starts; Prefect's console logs are hidden unless --verbose (they still reach the server, and
 the UI); a progress bar is drawn from the flow's progress log records; the summary table is printed at the end.
@@ -106,12 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.verbose:  # the embedded server's shutdown can log cosmetic errors (prefect.md): hidden too
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
-    import pandas
+    from flows.embedded_server import EmbeddedServer
 
-    from flows.evaluate import evaluate
+    with EmbeddedServer() as server:  # boots while the imports below run (they are needed anyway)
+        import pandas
+        import torch  # noqa: F401
 
-    with progress_bar():
-        result = evaluate(evaluation=evaluation, engine=engine)
+        import flexgen_core.runtime.engine  # noqa: F401
+        from flows.evaluate import evaluate
+
+        server.wait()
+        with progress_bar():
+            result = evaluate(evaluation=evaluation, engine=engine)
     table = pandas.DataFrame(result["scores"], columns=["run", "scenario", "metric", "split", "mean", "count"])
     with pandas.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
         print(table.to_string(index=False))
