@@ -1,6 +1,7 @@
 """Run several `flexgen bench` cases in one go (one subprocess each) and print one table.
 
-Each case is an exact `flexgen bench` command line, run in its own process so that its peak memory and
+Each case is an exact `flexgen bench` command line (or, prefixed `hf:`, a `benchmarks/hf_accelerate.py` one: the
+Hugging Face Accelerate baseline, measured in the same run), run in its own process so that its peak memory and
 pinned allocations are its own; the table and a CSV (`--csv`) give prefill/decode/total throughput and
 peak memory per case, with the command that produced each row.
 
@@ -53,6 +54,29 @@ SUITES: dict[str, list[str]] = {
         "--profile {profile}",
         f"--model flexgen_core/assets/tiny-opt {CPU_W} --policy auto --profile {{profile}}",
         f"--model flexgen_core/assets/tiny-opt {CPU_W} --gpu-batch-size 16 --num-gpu-batches 1 --profile {{profile}}",
+    ],
+    # visit 7: issue 3 (4-bit OPT-30B on the whole GPU), issue 4 (OPT-6.7B at 16 GiB: auto and three hand
+    # policies; OPT-30B 24x4 delegated re-measured with three weight slots; auto with the probed shared term)
+    "visit7a": [
+        f"--model opt-30b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "
+        "--acts 0,1,0 --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 64 --num-gpu-batches 2 --weights 0.5,0.5,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 2 --weights 0.7,0.3,0 "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.2,0.8,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
+    # visit 7b: issue 7's baselines side by side: Accelerate at the 16 GiB budget (weights; its cache comes on top)
+    # and HF generate on the whole GPU; the original's all-GPU block (24x1) with our engine
+    "visit7b": [
+        f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 --profile {{profile}}",
+        f"hf:--model opt-30b {W} --batch-size 16",
+        f"hf:--model opt-30b {W} --batch-size 24",
+        f"hf:--model opt-30b {W} --batch-size 8 --gpu-mem-gib 16",
     ],
     "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
@@ -122,7 +146,12 @@ def run_case(args: str, timeout: float, rss_limit: int) -> dict:
     pinned host allocation hangs a machine rather than failing) or it runs past `timeout`."""
     import psutil
 
-    cmd = [sys.executable, "-m", "flexgen_core.cli", "bench", *shlex.split(args), "--json"]
+    if args.startswith("hf:"):  # the Hugging Face Accelerate baseline (benchmarks/hf_accelerate.py)
+        label, cmd = "hf_accelerate.py " + args[3:], [sys.executable, str(Path(__file__).with_name(
+            "hf_accelerate.py")), *shlex.split(args[3:]), "--json"]
+    else:
+        label, cmd = "flexgen bench " + args, [sys.executable, "-m", "flexgen_core.cli", "bench", *shlex.split(args),
+                                               "--json"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     peak, killed = 0, ""
@@ -142,9 +171,9 @@ def run_case(args: str, timeout: float, rss_limit: int) -> dict:
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
     if killed or proc.returncode != 0:
-        return {"command": "flexgen bench " + args, "error": killed or (stderr or stdout)[-2000:], "proc_s": wall}
+        return {"command": label, "error": killed or (stderr or stdout)[-2000:], "proc_s": wall}
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["command"] = "flexgen bench " + args
+    result["command"] = label
     result["proc_s"] = wall
     return result
 
