@@ -70,13 +70,17 @@ SUITES: dict[str, list[str]] = {
         "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
     ],
-    # visit 7b: issue 7's baselines side by side: Accelerate at the 16 GiB budget (weights; its cache comes on top)
-    # and HF generate on the whole GPU; the original's all-GPU block (24x1) with our engine
+    # visit 7b: auto at 16 GiB with the refitted shared term (66 GB/s); issue 7's baselines side by side: HF
+    # generate on the whole GPU, our engine at the original's all-GPU block (24x1); 4-bit OPT-30B all on the GPU
     "visit7b": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 --profile {{profile}}",
         f"hf:--model opt-30b {W} --batch-size 16",
         f"hf:--model opt-30b {W} --batch-size 24",
-        f"hf:--model opt-30b {W} --batch-size 8 --gpu-mem-gib 16",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 128 --num-gpu-batches 1 --weights 1,0,0 --cache 1,0,0 "
+        "--acts 1,0,0 --compress-weights --compress-cache --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.8,0.2,0 "
+        "--cache 0,1,0 --acts 0,1,0 --profile {profile}",
     ],
     "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",

@@ -165,43 +165,6 @@ class _Prober:
         t = _median_time(lambda: layers.host_decode_attention(q, k, v, valid, chunk=CPU_CHUNK), lambda: None, 5)
         return 4 * b * nh * t_len * d / t / 1e9
 
-    def host_memory_shared_gbps(self) -> float:
-        """Host bytes/s when delegated decode runs as the engine runs it: CPU attention streaming an fp16 cache
-        from host RAM while a pinned host->device copy (the next layer's weights) reads it too. Each job alone
-        takes about 0.3 s; their bytes over the time until both are done. Two independent paths give the sum of
-        the two rates, one shared memory bus about the slower one's."""
-        from flexgen_core.runtime import layers
-        from flexgen_core.runtime.kv_cache import CPU_CHUNK
-
-        b, nh, t_len, d = 32, 56, 544, 128
-        k, v = (torch.randn(t_len, b, nh, d).to(torch.float16) for _ in range(2))
-        q = torch.randn(b, nh, d).to(torch.float16)
-        valid = torch.ones(b, t_len, dtype=torch.bool)
-        attend = lambda: layers.host_decode_attention(q, k, v, valid, chunk=CPU_CHUNK)  # noqa: E731
-        attn_s = _median_time(attend, lambda: None, 3)
-        cpu_bytes = k.numel() * k.element_size() * 2
-        calls = max(1, round(0.3 / attn_s))
-        copy_bytes = 1 << 30
-        host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
-        dev = torch.empty(copy_bytes, dtype=torch.uint8, device=self.device)
-        copy_s = self.timed(lambda: dev.copy_(host, non_blocking=True), reps=3)
-        copies = max(1, round(0.3 / copy_s))
-        stream = torch.cuda.Stream(self.device)
-
-        def both() -> None:
-            with torch.cuda.stream(stream):
-                for _ in range(copies):
-                    dev.copy_(host, non_blocking=True)
-            for _ in range(calls):
-                attend()
-            stream.synchronize()
-
-        t = self.timed(both, reps=3)
-        self.log.append(f"shared host memory: CPU attention alone {cpu_bytes / attn_s / GB:.1f} GB/s, "
-                        f"copy alone {copy_bytes / copy_s / GB:.1f} GB/s, together {t:.3f} s for {calls} calls and "
-                        f"{copies} copies")
-        return (cpu_bytes * calls + copy_bytes * copies) / t / GB
-
     def step_overhead_us(self) -> float:
         """Seconds per schedule step of a tiny all-resident model, where compute is negligible."""
         from flexgen_core.policy import Policy
@@ -251,14 +214,10 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             ("cpu_dequant_gelems_per_s", lambda: p.dequant_gelems(on_cpu=True)),
             ("step_overhead_us", p.step_overhead_us),
         ]
-        if p.cuda:  # delegated attention contends with the DMA only on a machine with a device link
-            steps.append(("host_memory_shared_gbps", p.host_memory_shared_gbps))
         for key, fn in steps:
             start = time.perf_counter()
             results[key] = float(fn())
             say(f"{key:28s} {results[key]:12.3f}   ({time.perf_counter() - start:.1f} s)")
-        for line in p.log:
-            say(line)
         start = time.perf_counter()
         read, write, state = p.disk_gbps()
         say(f"{'disk_read_gbps':28s} {read:12.3f}   ({time.perf_counter() - start:.1f} s, page cache {state})")
