@@ -82,6 +82,9 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.8,0.2,0 "
         "--cache 0,1,0 --acts 0,1,0 --profile {profile}",
     ],
+    "visit7c": [  # auto at 16 GiB once disk reads count on the delegated host thread (cost model, visit 7)
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
     "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
     ],
