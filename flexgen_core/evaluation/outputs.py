@@ -74,13 +74,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-def dumps(obj: Any) -> str:
-    """HELM's JSON text: indent 2, ASCII, no NaN (a NaN is a bug upstream, not a value to write)."""
+def dumps(obj: Any, compact: bool = False) -> str:
+    """HELM's JSON text: indent 2, ASCII, no NaN (a NaN is a bug upstream, not a value to write). `compact`
+    (one line, no indent) is for the per-instance bulk files: Python's JSON encoder is about 10x faster
+    without indentation, which is seconds per thousand instances."""
+    if compact:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n"
     return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    return write_text_atomic(path, dumps(obj))
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, compact: bool = False) -> Path:
+    return write_text_atomic(path, dumps(obj, compact))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -134,7 +134,7 @@ def prepare_run(entry: str, *, model: str | Path, suite: str = "default",
                                  ckpt.spec.max_positions)
     run = PreparedRun(run_spec, run_dir, scenario.metadata(), instances, state, requests, identity, tokenizer)
     if record:
-        write_json_atomic(run_dir / MANIFEST_FILE, _manifest(run, suite, model))
+        write_json_atomic(run_dir / MANIFEST_FILE, _manifest(run, suite, model), compact=True)
         write_json_atomic(run_dir / RUN_SPEC_FILE, run_spec.to_dict())
     return run
 
@@ -295,8 +295,8 @@ def _write_outputs(run_dir: Path, run_spec: RunSpec, scenario: dict[str, Any], s
     efficiency = efficiency_record(chunks)
     write_json_atomic(run_dir / RUN_SPEC_FILE, run_spec.to_dict())
     write_json_atomic(run_dir / SCENARIO_FILE, scenario)
-    write_json_atomic(run_dir / SCENARIO_STATE_FILE, full.to_dict())
-    write_json_atomic(run_dir / PER_INSTANCE_STATS_FILE, [p.to_dict() for p in per_instance])
+    write_json_atomic(run_dir / SCENARIO_STATE_FILE, full.to_dict(), compact=True)
+    write_json_atomic(run_dir / PER_INSTANCE_STATS_FILE, [p.to_dict() for p in per_instance], compact=True)
     write_json_atomic(run_dir / EFFICIENCY_FILE, efficiency)
     write_json_atomic(run_dir / POLICY_FILE, policy_summary(chunks, planned, efficiency))
     write_json_atomic(run_dir / STATS_FILE, stats_to_json(stats))  # last: the five files now describe one run

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 BYTE_VOCAB_SIZE = 256
+ENCODE_MEMO_SIZE = 1 << 14  # prompts remembered by HFTokenizer.encode (cleared when full)
 
 
 @runtime_checkable
@@ -51,13 +52,22 @@ class HFTokenizer:
         self.path = file
         self._tok = Tokenizer.from_file(str(file))
         self._token_texts: list[str] | None = None
+        self._memo: dict[str, list[int]] = {}
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, memoized: the adapter counts a prompt's tokens and the runner then encodes the
+        same prompt again (a copy is returned, so callers may modify it)."""
+        ids = self._memo.get(text)
+        if ids is None:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+            if len(self._memo) >= ENCODE_MEMO_SIZE:
+                self._memo.clear()
+            self._memo[text] = ids
+        return list(ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
