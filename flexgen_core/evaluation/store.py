@@ -60,6 +60,8 @@ def _canonical(value: Any, path: str = "payload") -> Any:
             raise TypeError(f"{path} has non-string keys; request keys need JSON objects")
         return {k: _canonical(v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if all(type(v) is int or type(v) is str for v in value):  # token ids, stop sequences: already canonical
+            return list(value)
         return [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"{path} has type {type(value).__name__}; request keys take JSON values only")
 

@@ -45,6 +45,8 @@ ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
     "bad": ("bad", "evil", "wicked", "mean"), "happy": ("happy", "elated", "glad", "cheerful"),
     "round": ("round", "circular", "spherical"),
 }
+CATEGORIES = tuple(SUBJECTS)
+ATTRIBUTES = tuple(ATTRIBUTE_GROUPS)
 MAX_RULES = 5
 P_CONSEQUENCELESS = 0.1  # chance of keeping a fact from which nothing follows
 
@@ -115,7 +117,7 @@ class SyntheticReasoningNaturalScenario(Scenario):
         return instances
 
     def _problem(self, rng: random.Random) -> tuple[str, str]:
-        category = rng.choice(list(SUBJECTS))
+        category = rng.choice(CATEGORIES)
         subject = rng.choice(SUBJECTS[category])
         rules = self._rules(rng, subject, category)
         shown_attributes, consequents = _fact(rng, rules, self.fact_uses_synonyms)
@@ -126,7 +128,7 @@ class SyntheticReasoningNaturalScenario(Scenario):
 
     def _rules(self, rng: random.Random, subject: str, category: str) -> list[Rule]:
         """Up to 5 rules over disjoint attribute sets, so one step of reasoning decides everything."""
-        remaining = list(ATTRIBUTE_GROUPS)
+        remaining = list(ATTRIBUTES)
         rng.shuffle(remaining)
         rules: list[Rule] = []
         while len(remaining) > 2 and len(rules) < MAX_RULES:
@@ -142,7 +144,7 @@ def _fact(rng: random.Random, rules: list[Rule], use_synonyms: bool) -> tuple[li
     derive from the two generic attributes behind them.
     A fact with no consequent is redrawn unless a 10% draw keeps it (HELM's `p_consequenceless`)."""
     while True:
-        attributes = rng.sample(list(ATTRIBUTE_GROUPS), 2)
+        attributes = rng.sample(ATTRIBUTES, 2)
         synonyms = [rng.choice(ATTRIBUTE_GROUPS[a]) for a in attributes]
         consequents = [rule.consequent for rule in rules if rule.applies_to(attributes)]
         if consequents or rng.random() <= P_CONSEQUENCELESS:
