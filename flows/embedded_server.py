@@ -78,7 +78,8 @@ class EmbeddedServer:
         self.startup_timeout_s = startup_timeout_s or float(
             os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__; the child's output (a pipe nobody reads could fill and block it)
+        # the child's output, read only to explain a failed start (a pipe nobody reads could fill and block it)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.api_url: str | None = None
         self.ready = False
 
