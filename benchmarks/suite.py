@@ -85,6 +85,14 @@ SUITES: dict[str, list[str]] = {
     "visit7c": [  # auto at 16 GiB once disk reads count on the delegated host thread (cost model, visit 7)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
     ],
+    "visit7d": [  # where delegated decode and small-batch decode spend their time (syncs after every step)
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 4 {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 "
+        "--weights 0.2,0.8,0 --cache 0,1,0 --acts 0,1,0 --cpu-attention --step-timing --profile {profile}",
+        f"--model opt-6.7b --dummy --prompt-len 512 --gen-len 8 {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 1 "
+        "--step-timing --profile {profile}",
+        f"--model opt-6.7b --dummy --prompt-len 512 --gen-len 8 {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 1 "
+        "--profile {profile}",
+    ],
     "visit6g": [  # auto at 16 GiB with the shared host-memory term (h100.yaml host_memory_shared_gbps)
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
     ],
