@@ -300,8 +300,8 @@ class BenchmarkParams(BaseModel):
     seed: int = Field(0, description="seed of the synthetic prompts and dummy weights")
     policies: list[EngineParams] = Field(default_factory=lambda: [EngineParams()], min_length=1,
                                          description="policies to measure, each auto or given")
-    hf_baseline: bool = Field(False, description="also measure Hugging Face transformers generate (Accelerate "
-                                                 "offloading when accelerate is installed) on the same prompts")
+    hf_baseline: bool = Field(False, description="also measure Hugging Face transformers generate on the same "
+                                                 "prompts (Accelerate offloads what the device cannot hold)")
     results_csv: str = Field("benchmark_output/benchmarks/throughput.csv", description="CSV the rows append to")
     plot: str = Field("benchmark_output/benchmarks/throughput.png", description="bar plot of throughput per policy")
 

@@ -34,36 +34,18 @@ def bench_policy(args: argparse.Namespace, label: str) -> dict[str, Any]:
 
 @task(name="hf-baseline", cache_policy=NO_CACHE)
 def hf_baseline(model: str, prompt_len: int, gen_len: int, num_sequences: int, seed: int) -> dict[str, Any]:
-    """transformers `generate` (greedy, exactly gen_len new tokens) on the prompts `flexgen bench` uses; with
-    CUDA and accelerate installed, weights are offloaded by Accelerate (`device_map="auto"`)."""
-    import importlib.util
-    import tempfile
+    """transformers `generate` (greedy, exactly gen_len new tokens) on the prompts `flexgen bench` uses, placed by
+    Accelerate on the whole device (`flexgen_core.hf_baseline`): "hf-accelerate" when weights had to stay on
+    the CPU, else plain "hf-transformers"."""
+    from flexgen_core.hf_baseline import BaselineConfig, run_baseline
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from flexgen_core.bench import synthetic_prompts
-
-    accelerate = torch.cuda.is_available() and importlib.util.find_spec("accelerate") is not None
-    with tempfile.TemporaryDirectory(prefix="hf-offload-") as offload:
-        kwargs: dict[str, Any] = ({"device_map": "auto", "offload_folder": offload, "dtype": torch.float16}
-                                  if accelerate else {"dtype": torch.float32})
-        hf = AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
-        device = next(hf.parameters()).device if not accelerate else torch.device("cuda")
-        prompts = synthetic_prompts(num_sequences, prompt_len, hf.config.vocab_size, seed)
-        ids = torch.tensor(prompts, device=device)
-        settings = {"do_sample": False, "pad_token_id": hf.config.pad_token_id, "attention_mask": torch.ones_like(ids)}
-        with torch.no_grad():
-            hf.generate(ids[:, :8], max_new_tokens=2, **{**settings, "attention_mask": torch.ones_like(ids[:, :8])})
-            start = time.perf_counter()
-            hf.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **settings)
-            total = time.perf_counter() - start
-    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "system": "hf-accelerate" if accelerate else "hf-transformers", "model": Path(model).name,
-            "device": str(device), "policy": "device_map=auto" if accelerate else "all on device",
+    r = run_baseline(BaselineConfig(model, prompt_len, gen_len, num_sequences, seed=seed))
+    offloaded = r["weight_bytes"]["cpu"] > 0 and r["device"] != "cpu"
+    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "system": "hf-accelerate" if offloaded else
+            "hf-transformers", "model": r["model"], "device": r["device"], "policy": r["policy_str"],
             "block_size": num_sequences, "prompt_len": prompt_len, "gen_len": gen_len, "num_sequences": num_sequences,
-            "prefill_s": None, "decode_s": None, "total_s": total, "generation_tok_s": num_sequences * gen_len / total,
-            "predicted_tok_s": None}
+            "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], "total_s": r["total_s"],
+            "generation_tok_s": r["total_tok_s"], "predicted_tok_s": None}
 
 
 @task(name="append-csv", retries=2, retry_delay_seconds=1)

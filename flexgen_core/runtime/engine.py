@@ -373,15 +373,20 @@ class Engine:
                     if any_stops and all(bool(b.finished.all()) for b in batches):
                         done_tokens = step.token + 1
                         break
-        self.transfer.synchronize()
-        if self._cache is not None:
-            self._cache.check_values("decode")
-        for part in (self._cache, self._acts):
-            if part is not None:
-                part.finish_block()
+        self._finish_block("decode")
         if n_tokens > 1:
             stats.decode_s += time.perf_counter() - start
         return done_tokens
+
+    def _finish_block(self, phase: str) -> None:
+        """After a block's last step: wait for its copies, check the compressed cache's deferred flag (`phase`
+        names where in the error), and let the cache and activations release the block's buffers."""
+        self.transfer.synchronize()
+        if self._cache is not None:
+            self._cache.check_values(phase)
+        for part in (self._cache, self._acts):
+            if part is not None:
+                part.finish_block()
 
     def _prefetch_inputs(self, batches: list[BatchState], token: int, layer: int, batch: int, cache: bool = True,
                          acts: bool = True) -> None:

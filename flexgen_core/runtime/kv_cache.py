@@ -71,7 +71,6 @@ class SegmentLayout:
         return full.narrow(0, 0, length)
 
 
-
 OVERFLOW_HINT = ("the activations overflowed: run in bfloat16 or float32 (--dtype), or leave the cache "
                  "uncompressed")
 

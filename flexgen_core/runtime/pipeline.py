@@ -295,12 +295,7 @@ class PipelineEngine(Engine):
                 else:
                     stats.decode_steps += 1
         g.flush()
-        self.transfer.synchronize()
-        if self._cache is not None:
-            self._cache.check_values("generation")
-        for part in (self._cache, self._acts):
-            if part is not None:
-                part.finish_block()
+        self._finish_block("generation")
         if last and n_tokens > 1:
             stats.decode_s += time.perf_counter() - start
         return steps
