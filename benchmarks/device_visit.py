@@ -4,8 +4,10 @@
 
 Stages: `env` (GPU, driver, torch, memory, disk), `tests` (the CUDA tests: pytest -m gpu), `cpuattn` (CPU
 decode-attention kernels, benchmarks/cpu_attention.py), `profile` (our
-prober -> OUT/h100.yaml), `suite:NAME` (benchmarks/suite.py; cases may use {profile}, the profile just
-measured or profiles/h100.yaml). Each stage's output goes to OUT/<stage>.log and a summary to stdout.
+prober -> OUT/h100.yaml), `overhead` (only the step overheads, benchmarks/step_overhead.py, on top of
+OUT/h100.yaml or profiles/h100.yaml -> OUT/h100.yaml), `suite:NAME` (benchmarks/suite.py; cases may use
+{profile}, the profile just measured or profiles/h100.yaml, and {out}, the output folder).
+Each stage's output goes to OUT/<stage>.log and a summary to stdout.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def main() -> None:
         elif stage == "cpuattn":
             run(f"{py} benchmarks/cpu_attention.py", log, min(left, 120))
             os.system(f"tail -12 {log}")
+        elif stage == "overhead":  # step overheads only, on top of the measured or the shipped profile
+            base = profile if profile.is_file() else ROOT / "profiles" / "h100.yaml"
+            run(f"{py} benchmarks/step_overhead.py --base {base} --out {profile}", log, min(left, 120))
+            os.system(f"cat {log}")
         elif stage == "profile":
             run(f"{py} -m flexgen_core.cli profile --name h100 --out {profile}", log, min(left, 150))
             os.system(f"cat {log} | tail -25")

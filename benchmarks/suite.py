@@ -57,6 +57,16 @@ SUITES: dict[str, list[str]] = {
     ],
     # visit 7: issue 3 (4-bit OPT-30B on the whole GPU), issue 4 (OPT-6.7B at 16 GiB: auto and three hand
     # policies; OPT-30B 24x4 delegated re-measured with three weight slots; auto with the probed shared term)
+    # visit 8a: the auto policies after the per-kind step overheads, the denser batch-size search and the smaller
+    # host reserve; where the offloaded 4-bit run spends its decode (step timing, then torch.profiler)
+    "visit8a": [
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 4 {T4_LIKE} --policy auto --compress-weights "
+        "--compress-cache --step-timing --profile {profile}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --policy auto --compress-weights "
+        "--compress-cache --torch-profile {out}/visit8a_4bit_torch_profile.txt --profile {profile}",
+    ],
     "visit7a": [
         f"--model opt-30b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
@@ -202,7 +212,8 @@ def main() -> None:
     ap.add_argument("--profile", default="profiles/h100.yaml", help="hardware profile substituted for {profile}")
     ap.add_argument("--keep-free-gib", type=float, default=6.0, help="kill a case whose RSS leaves less RAM free")
     args = ap.parse_args()
-    cases = [c.replace("{profile}", args.profile) for c in SUITES[args.suite] + args.case]
+    out_dir = str(args.csv.parent) if args.csv else "."
+    cases = [c.replace("{profile}", args.profile).replace("{out}", out_dir) for c in SUITES[args.suite] + args.case]
     import psutil
 
     rss_limit = psutil.virtual_memory().total - int(args.keep_free_gib * GIB)

@@ -10,8 +10,11 @@ are produced), and the result lists every stage's slice, policy and memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +25,30 @@ from flexgen_core.policy import TIERS, Tier
 def synthetic_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (n, length), generator=g).tolist()
+
+
+@contextlib.contextmanager
+def _torch_profiler(path: str | None, device: torch.device) -> Iterator[Any]:
+    """torch.profiler around the measured call when `path` is given (host activity, and CUDA's on a GPU)."""
+    if path is None:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield prof
+
+
+def _write_profile(prof: Any, path: str, device: torch.device) -> None:
+    """The busiest operators by self device time (CUDA) and by self host time, as torch's tables."""
+    table = prof.key_averages()
+    parts = []
+    if device.type == "cuda":
+        parts.append("# by self CUDA time\n" + table.table(sort_by="self_cuda_time_total", row_limit=30))
+    parts.append("# by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n\n".join(parts))
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,9 +67,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                     args.seed)
         for _ in range(args.warmup):
             engine.generate([p[:min(8, args.prompt_len)] for p in prompts[:policy.block_size]], 2)
-        start = time.perf_counter()
-        gens = engine.generate(prompts, args.gen_len, return_logprobs=True)
-        wall = time.perf_counter() - start
+        profile_to = getattr(args, "torch_profile", None)
+        with _torch_profiler(profile_to, engine.device) as prof:
+            start = time.perf_counter()
+            gens = engine.generate(prompts, args.gen_len, return_logprobs=True)
+            wall = time.perf_counter() - start
+        if prof is not None:
+            _write_profile(prof, profile_to, engine.device)
         nonfinite = sum(not math.isfinite(x) for g in gens for x in (g.logprobs or []))
         st = engine.last_stats
         plan = engine.run_plan

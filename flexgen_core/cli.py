@@ -270,6 +270,9 @@ def _register_core(sub: Any) -> None:
                    help="pipeline: longest wait for another rank before every rank stops with an error")
     b.add_argument("--step-timing", action="store_true",
                    help="diagnostic: synchronize and time every layer step (slower; compare with the cost model)")
+    b.add_argument("--torch-profile", default=None, metavar="FILE",
+                   help="diagnostic: run the measured call under torch.profiler and write its busiest operators "
+                        "(self device time and self host time) to FILE (slower; use a short --gen-len)")
     b.add_argument("--check-finite", action="store_true",
                    help="diagnostic: stop at the first layer output with inf/NaN, naming layer, batch and token")
     add_policy_flags(b)

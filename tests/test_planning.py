@@ -70,7 +70,8 @@ def test_probe_measures_this_machine(tmp_path: Path) -> None:
     profile = measure("probe-test", device="cpu", offload_dir=tmp_path, quick=True)
     assert profile.device_type == "cpu" and profile.disk_page_cache in ("bypassed", "dropped")
     for name in ("h2d_pinned_gbps", "disk_read_gbps", "disk_write_gbps", "device_matmul_tflops",
-                 "cpu_attention_gflops", "device_dequant_gelems_per_s", "step_overhead_us"):
+                 "cpu_attention_gflops", "device_dequant_gelems_per_s", "step_overhead_us",
+                 "attn_step_overhead_us"):
         assert getattr(profile, name) > 0, name
     assert list(tmp_path.iterdir()) == []  # the probe's offload files are gone
 
@@ -115,6 +116,19 @@ def test_terms_follow_the_work_they_model() -> None:
     assert serial.total_s > est.total_s
     assert est.bound_s <= est.total_s
     assert est.peak_bytes == {t.value: b for t, b in build_plan(spec, base, W512, 2, "cuda").bytes_per_tier().items()}
+
+
+def test_attention_steps_pay_their_own_host_overhead() -> None:
+    """A profile with `attn_step_overhead_us` charges it to attention steps and `step_overhead_us` to the rest;
+    without it, every step pays `step_overhead_us` (older profiles predict as before)."""
+    spec = builtin_spec("opt-6.7b")
+    policy = Policy(8, 2)
+    plain = estimate(spec, policy, W512, T4).breakdown["decode"]
+    split = estimate(spec, policy, W512, T4.with_(attn_step_overhead_us=500.0, step_overhead_us=100.0))
+    dec = split.breakdown["decode"]
+    assert plain["attn"]["overhead"] == plain["mlp"]["overhead"] == pytest.approx(2 * T4.step_overhead_s)
+    assert dec["attn"]["overhead"] == pytest.approx(2 * 500e-6)
+    assert dec["mlp"]["overhead"] == dec["head"]["overhead"] == pytest.approx(2 * 100e-6)
 
 
 def test_delegated_decode_shares_host_memory_with_the_weight_dma() -> None:

@@ -20,6 +20,7 @@ from flexgen_core.planning.policy_search import SearchResult, search_policy
 from flexgen_core.policy import Policy
 
 DEFAULT_MARGIN = 0.05
+GIB = 1 << 30
 
 
 def cache_dir() -> Path:
@@ -87,8 +88,10 @@ def auto_policy(args: argparse.Namespace, prompt_len: int, gen_len: int, fixed: 
                            profile=getattr(args, "profile", None), offload_dir=args.offload_dir,
                            gpu_mem_gib=args.gpu_mem_gib, cpu_mem_gib=args.cpu_mem_gib, disk_gib=args.disk_gib,
                            fixed=fixed, margin=getattr(args, "memory_margin", DEFAULT_MARGIN))
-    e = result.estimate
+    e, b = result.estimate, result.budget
+    fits = "" if b is None else (f"; budget gpu {b.gpu_bytes / GIB:.1f} GiB, cpu {b.cpu_bytes / GIB:.1f} GiB, "
+                                 f"disk {b.disk_bytes / GIB:.1f} GiB")
     print(f"auto policy: {result.policy.describe()} (predicted {e.throughput_tok_s:.2f} tok/s; "
-          f"{result.lp_solves} LP solves with {result.solver} in {result.elapsed_s:.1f} s)", file=sys.stderr)
+          f"{result.lp_solves} LP solves with {result.solver} in {result.elapsed_s:.1f} s{fits})", file=sys.stderr)
     args.auto_estimate = e
     return result.policy

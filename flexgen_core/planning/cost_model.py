@@ -179,7 +179,7 @@ class CostModel:
             disk_read, disk_write = disk_read + a["disk_read"], disk_write + a["disk_write"]
             device, cpu = device + a["device"], cpu + a["cpu"]
         delegated = p.cpu_attention and kind == LayerKind.ATTN and not prefill
-        overhead = k * prof.step_overhead_s
+        overhead = k * prof.step_overhead_s_of(kind == LayerKind.ATTN)
         shared = None
         if self.cuda and delegated:
             # CPU attention streams the cache from host RAM while the DMA engines read the next weights from it.

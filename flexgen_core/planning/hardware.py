@@ -17,6 +17,7 @@ GIB = 1 << 30
 GB = 1e9
 
 PAGE_CACHE_STATES = ("bypassed", "dropped", "cached", "unknown")
+OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us")
 
 
 class ProfileError(ValueError):
@@ -54,6 +55,10 @@ class HardwareProfile:
     # memory-bound elementwise kernels around the matmuls (ReLU, residual adds, LayerNorm), bytes/s; None: not
     # modeled (profiles measured before the probe had it)
     device_elementwise_gbps: float | None = None
+    # host-side cost of one attention-layer step, which issues several times the kernels of an MLP step; the
+    # probe then gives `step_overhead_us` as the mean of the other kinds' steps. None: every kind costs
+    # `step_overhead_us` (profiles measured before the probe timed the kinds apart)
+    attn_step_overhead_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):
@@ -67,7 +72,7 @@ class HardwareProfile:
                     raise ProfileError(f"profile field {f.name} must be a number, got {value!r}")
                 if value < 0 or (value == 0 and f.name != "step_overhead_us"):
                     raise ProfileError(f"profile field {f.name} must be positive, got {value!r}")
-        for name in ("host_memory_shared_gbps", "device_elementwise_gbps"):
+        for name in OPTIONAL_RATES:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ProfileError(f"profile field {name} must be a positive number, got {value!r}")
@@ -115,6 +120,12 @@ class HardwareProfile:
     def step_overhead_s(self) -> float:
         return self.step_overhead_us * 1e-6
 
+    def step_overhead_s_of(self, attention: bool) -> float:
+        """Host-side seconds of one step of an attention layer (`attention`) or of any other layer."""
+        if attention and self.attn_step_overhead_us is not None:
+            return self.attn_step_overhead_us * 1e-6
+        return self.step_overhead_s
+
     # ---- YAML ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +136,7 @@ class HardwareProfile:
             raise ProfileError(f"{source}: expected a mapping of profile fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        optional = ("notes", "host_memory_shared_gbps", "device_elementwise_gbps")
+        optional = ("notes", *OPTIONAL_RATES)
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name not in optional)
         if unknown or missing:
             parts = []

@@ -53,6 +53,7 @@ class SearchResult:
     lp_solves: int
     elapsed_s: float
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (policy, predicted tok/s), best first
+    budget: MemoryBudget | None = None  # what the search had to fit
 
     def to_dict(self) -> dict[str, Any]:
         out = self.estimate.to_dict()
@@ -167,14 +168,21 @@ def _snap(point: dict[str, float], gbs: int, fixed: dict[str, Any]) -> dict[str,
 
 
 def _shape_ladder(limit: int) -> list[int]:
-    """1, 2, 3, 4, 6, 8, 12, 16, ... up to and including `limit`."""
-    out, v = [], 1
-    while v <= limit:
-        out.append(v)
-        v = v + 1 if v < 4 else (v * 3 // 2 if (v & (v - 1)) == 0 else v * 4 // 3)
-    if out[-1] != limit:
-        out.append(limit)
-    return sorted(set(out))
+    """1..8, then steps of about 1.25x, then the four values up to and including `limit` (the largest blocks
+    that fit are usually the fastest, and the largest that fit without disk can be a few below `limit`)."""
+    out, v = set(range(1, min(limit, 8) + 1)), 8
+    while v < limit:
+        v = max(v + 1, v * 5 // 4)
+        out.add(min(v, limit))
+    out.update(range(max(1, limit - 3), limit + 1))
+    return sorted(out)
+
+
+def _batch_sizes(limit: int) -> list[int]:
+    """GPU batch sizes searched: powers of two and three times powers of two, up to `limit`."""
+    out = {2 ** i for i in range(int(math.log2(limit)) + 1)}
+    out.update(3 * 2 ** i for i in range(int(math.log2(max(1, limit // 3))) + 1) if 3 * 2 ** i <= limit)
+    return sorted(out)
 
 
 def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile, budget: MemoryBudget,
@@ -228,7 +236,7 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
             raise PolicyError(f"max_block_size must be >= 1, got {max_block_size}")
         max_gpu_batch_size = min(max_gpu_batch_size, max_block_size)
     gbs_list = ([fixed["gpu_batch_size"]] if "gpu_batch_size" in fixed
-                else [2 ** i for i in range(int(math.log2(max_gpu_batch_size)) + 1)])
+                else _batch_sizes(max_gpu_batch_size))
     results: list[tuple[float, Policy, dict[str, float], bool]] = []
     for gbs in gbs_list:
         if "num_gpu_batches" in fixed:
@@ -271,7 +279,7 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
         finalists.sort(key=lambda f: -f[0].throughput_tok_s)
         ranking = [(e.policy.describe(), e.throughput_tok_s) for e, _ in finalists]
         return SearchResult(finalists[0][0].policy, finalists[0][0], lp.solver_name, lp.solves,
-                            time.perf_counter() - started, ranking)
+                            time.perf_counter() - started, ranking, budget)
     raise PolicySearchError("the LP found placements, but none passed the exact memory check after tightening; "
                             "raise the safety margin or fix a smaller --gpu-batch-size")
 

@@ -43,6 +43,7 @@ class _Prober:
         self.cuda = device.type == "cuda"
         self.dtype = torch.float16 if self.cuda else torch.float32
         self.log: list[str] = []
+        self._overheads: dict[str, float] | None = None
 
     def sync(self) -> None:
         if self.cuda:
@@ -165,28 +166,49 @@ class _Prober:
         t = _median_time(lambda: layers.host_decode_attention(q, k, v, valid, chunk=CPU_CHUNK), lambda: None, 5)
         return 4 * b * nh * t_len * d / t / 1e9
 
-    def step_overhead_us(self) -> float:
-        """Seconds per schedule step of a tiny all-resident model, where compute is negligible."""
+    def step_overheads_us(self) -> dict[str, float]:
+        """Host microseconds per decode step of a tiny all-resident model, where compute is negligible, by
+        layer kind ("attn", "mlp", "embed", "head"), with a sync after every step (which costs nothing when
+        the host is the bottleneck); "all" is the mean over every step of an unsynchronized run."""
+        if self._overheads is not None:
+            return self._overheads
         from flexgen_core.policy import Policy
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
         from flexgen_core.runtime.memory import OffloadDir
-        from flexgen_core.spec import ModelSpec
+        from flexgen_core.spec import LayerKind, ModelSpec
 
         spec = ModelSpec(name="probe-tiny", num_layers=4, hidden_size=64, ffn_dim=128, num_heads=2, vocab_size=128,
                          max_positions=64, word_embed_dim=64)
         ckpt = Checkpoint("probe-tiny", spec, None, (), "probe")
         offload = OffloadDir(self.offload_dir)
         budget = memory_budget(self.device, offload, None, None)
-        n_tokens = 16
-        with Engine(ckpt, Policy(1, 2), self.device, self.dtype, offload, budget, dummy=True) as engine:
-            prompts = [[5, 6, 7, 8]] * 2
+        n_tokens, batches = 16, 2
+        with Engine(ckpt, Policy(1, batches), self.device, self.dtype, offload, budget, dummy=True) as engine:
+            prompts = [[5, 6, 7, 8]] * batches
             engine.generate(prompts, 4)
             start = time.perf_counter()
             engine.generate(prompts, n_tokens)
             elapsed = time.perf_counter() - start
-        steps = n_tokens * spec.num_schedule_layers * 2
-        return elapsed / steps * 1e6
+            engine.step_timing = True
+            engine.generate(prompts, n_tokens)
+            per_kind = engine.last_stats.step_s["decode"]
+            decode_steps = engine.last_stats.decode_steps
+        result = {"all": elapsed / (n_tokens * spec.num_schedule_layers * batches) * 1e6}
+        for kind, count in ((LayerKind.ATTN, spec.num_layers), (LayerKind.MLP, spec.num_layers),
+                            (LayerKind.EMBED, 1), (LayerKind.HEAD, 1)):
+            result[kind.value] = per_kind[kind.value] / (decode_steps * batches * count) * 1e6
+        self._overheads = result
+        return result
+
+    def step_overhead_us(self) -> float:
+        """The profile's `step_overhead_us`: the mean host cost of a step of a layer other than attention
+        (per layer of the model: one MLP step per attention step, plus the embedding and head once)."""
+        o = self.step_overheads_us()
+        return (o["mlp"] * 4 + o["embed"] + o["head"]) / 6
+
+    def attn_step_overhead_us(self) -> float:
+        return self.step_overheads_us()["attn"]
 
 
 def measure(name: str | None = None, device: str | torch.device | None = None, offload_dir: str | Path | None = None,
@@ -213,6 +235,7 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             ("cpu_attention_gflops", p.cpu_attention_gflops),
             ("cpu_dequant_gelems_per_s", lambda: p.dequant_gelems(on_cpu=True)),
             ("step_overhead_us", p.step_overhead_us),
+            ("attn_step_overhead_us", p.attn_step_overhead_us),
         ]
         for key, fn in steps:
             start = time.perf_counter()

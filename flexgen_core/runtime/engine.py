@@ -34,7 +34,7 @@ from flexgen_core.spec import LayerKind, ModelSpec
 
 GPU_RESERVE_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces, allocator slack
 HOST_RESERVE_BYTES = 4 << 30
-HOST_RESERVE_FRACTION = 0.08
+HOST_RESERVE_FRACTION = 0.05
 
 
 def default_device() -> torch.device:

@@ -1,0 +1,50 @@
+"""Re-measure only the host-side step overheads of a profile (the probe's tiny model, each layer kind timed).
+
+    python3 benchmarks/step_overhead.py --base profiles/h100.yaml --out OUT/h100.yaml
+
+Prints the per-kind decode step times and writes `--base` with `step_overhead_us` (mean of the non-attention
+kinds) and `attn_step_overhead_us` replaced: the rest of a full `flexgen profile` is left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flexgen_core.planning.hardware import HardwareProfile
+from flexgen_core.planning.probe import _Prober
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="profile to start from")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--repeats", type=int, default=3, help="probe runs; the median of each kind is kept")
+    args = ap.parse_args()
+    base = HardwareProfile.load(args.base)
+    device = torch.device(base.device_type)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="flexgen-overhead-") as tmp:
+        for _ in range(args.repeats):
+            prober = _Prober(device, Path(tmp), quick=False)
+            runs.append(prober.step_overheads_us())
+            runs[-1]["other"] = prober.step_overhead_us()
+    median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+    for r in runs:
+        print("  ".join(f"{k} {v:8.1f} us" for k, v in r.items()))
+    notes = (f"{base.notes} | step overheads re-measured per layer kind by benchmarks/step_overhead.py on "
+             f"{time.strftime('%Y-%m-%d')} (median of {args.repeats}): " +
+             ", ".join(f"{k} {v:.1f} us" for k, v in median.items()))
+    out = base.with_(step_overhead_us=round(median["other"], 3), attn_step_overhead_us=round(median["attn"], 3),
+                     notes=notes)
+    out.save(args.out)
+    print(f"wrote {args.out}: step_overhead_us {out.step_overhead_us}, attn_step_overhead_us "
+          f"{out.attn_step_overhead_us} (was {base.step_overhead_us}, {base.attn_step_overhead_us})")
+
+
+if __name__ == "__main__":
+    main()
