@@ -67,6 +67,16 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --policy auto --compress-weights "
         "--compress-cache --torch-profile {out}/visit8a_4bit_torch_profile.txt --profile {profile}",
     ],
+    # visit 8b: the cache of the next attention layer loads during the MLP steps (6.7B auto streams a third of
+    # its cache at 12x1); the 8x1 control; operator profiles of the offloaded 4-bit run and of the whole-GPU 24x1
+    "visit8b": [
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 1 --profile {{profile}}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --policy auto --compress-weights "
+        "--compress-cache --torch-profile {out}/visit8b_4bit_torch_profile.txt --profile {profile}",
+        "--model opt-30b --dummy --prompt-len 512 --gen-len 8 --gpu-batch-size 24 --num-gpu-batches 1 "
+        "--torch-profile {out}/visit8b_24x1_torch_profile.txt --profile {profile}",
+    ],
     "visit7a": [
         f"--model opt-30b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
