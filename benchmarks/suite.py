@@ -77,6 +77,16 @@ SUITES: dict[str, list[str]] = {
         "--model opt-30b --dummy --prompt-len 512 --gen-len 8 --gpu-batch-size 24 --num-gpu-batches 1 "
         "--torch-profile {out}/visit8b_24x1_torch_profile.txt --profile {profile}",
     ],
+    # visit 8c: timelines of the slow small-batch streamed-cache decode (6.7B 12x1, a third of the cache on the
+    # CPU) against the all-GPU 8x1, and of the offloaded 4-bit run with visit 6's smaller block
+    "visit8c": [
+        f"--model opt-6.7b --dummy --prompt-len 512 --gen-len 6 {T4_LIKE} --gpu-batch-size 12 --num-gpu-batches 1 "
+        "--cache 0.666667,0.333333,0 --torch-profile {out}/visit8c_12x1.txt --profile {profile}",
+        f"--model opt-6.7b --dummy --prompt-len 512 --gen-len 6 {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 1 "
+        "--torch-profile {out}/visit8c_8x1.txt --profile {profile}",
+        f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} {CW_64X4} --cache 0.16,0.84,0 --acts 0,1,0 "
+        "--torch-profile {out}/visit8c_4bit_64x4.txt --profile {profile}",
+    ],
     "visit7a": [
         f"--model opt-30b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",

@@ -41,7 +41,8 @@ def _torch_profiler(path: str | None, device: torch.device) -> Iterator[Any]:
 
 
 def _write_profile(prof: Any, path: str, device: torch.device) -> None:
-    """The busiest operators by self device time (CUDA) and by self host time, as torch's tables."""
+    """The busiest operators by self device time (CUDA) and by self host time, as torch's tables, and the
+    timeline next to them (`FILE` with suffix .trace.json.gz)."""
     table = prof.key_averages()
     parts = []
     if device.type == "cuda":
@@ -49,6 +50,14 @@ def _write_profile(prof: Any, path: str, device: torch.device) -> None:
     parts.append("# by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n\n".join(parts))
+    trace = Path(path).with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))  # the timeline, per stream (chrome://tracing or Perfetto)
+    import gzip
+    import shutil
+
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
