@@ -27,6 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     base = HardwareProfile.load(args.base)
     device = torch.device(base.device_type)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{args.base} describes a CUDA machine but this one has no GPU: run it on that machine")
     runs = []
     with tempfile.TemporaryDirectory(prefix="flexgen-overhead-") as tmp:
         for _ in range(args.repeats):

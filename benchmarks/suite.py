@@ -87,6 +87,22 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} {CW_64X4} --cache 0.16,0.84,0 --acts 0,1,0 "
         "--torch-profile {out}/visit8c_4bit_64x4.txt --profile {profile}",
     ],
+    # visit 8d: issue 4's GPU validation on the final code (per-kind overheads, cache segments, next-attention
+    # prefetch): both auto policies at 16 GiB, OPT-6.7B's three hand policies, OPT-30B's best hand policy
+    "visit8d": [
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "
+        "--acts 0,1,0 --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 64 --num-gpu-batches 2 --weights 0.5,0.5,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.8,0.2,0 "
+        "--cache 0,1,0 --acts 0,1,0 --profile {profile}",
+    ],
+    "visit8e": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.2,0.8,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+    ],
     "visit7a": [
         f"--model opt-30b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",

@@ -129,6 +129,11 @@ def test_attention_steps_pay_their_own_host_overhead() -> None:
     assert plain["attn"]["overhead"] == plain["mlp"]["overhead"] == pytest.approx(2 * T4.step_overhead_s)
     assert dec["attn"]["overhead"] == pytest.approx(2 * 500e-6)
     assert dec["mlp"]["overhead"] == dec["head"]["overhead"] == pytest.approx(2 * 100e-6)
+    # a cache split over two tiers runs decode attention once per segment: twice the attention overhead
+    two = estimate(spec, policy.with_(cache=(0.5, 0.5, 0)), W512,
+                   T4.with_(attn_step_overhead_us=500.0, step_overhead_us=100.0)).breakdown
+    assert two["decode"]["attn"]["overhead"] == pytest.approx(2 * 2 * 500e-6)
+    assert two["prefill"]["attn"]["overhead"] == pytest.approx(2 * 500e-6)
 
 
 def test_delegated_decode_shares_host_memory_with_the_weight_dma() -> None:
