@@ -288,6 +288,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["model", "policy_str", "block_size", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
               "total_tok_s", "decode_tok_s", "predicted_tok_s", "bound_tok_s", "measured_over_bound",
               "gpu_peak_gib", "host_peak_gib", "load_s", "device", "nonfinite_logprobs", "command", "error"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
