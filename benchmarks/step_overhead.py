@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.planning.hardware import HardwareProfile
-from flexgen_core.planning.probe import _Prober
+from flexgen_core.planning.probe import measure_step_overheads
 
 
 def main() -> None:
@@ -29,12 +29,8 @@ def main() -> None:
     device = torch.device(base.device_type)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{args.base} describes a CUDA machine but this one has no GPU: run it on that machine")
-    runs = []
     with tempfile.TemporaryDirectory(prefix="flexgen-overhead-") as tmp:
-        for _ in range(args.repeats):
-            prober = _Prober(device, Path(tmp), quick=False)
-            runs.append(prober.step_overheads_us())
-            runs[-1]["other"] = prober.step_overhead_us()
+        runs = [measure_step_overheads(device, tmp) for _ in range(args.repeats)]
     median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     for r in runs:
         print("  ".join(f"{k} {v:8.1f} us" for k, v in r.items()))

@@ -67,8 +67,9 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} --policy auto --compress-weights "
         "--compress-cache --torch-profile {out}/visit8a_4bit_torch_profile.txt --profile {profile}",
     ],
-    # visit 8b: the cache of the next attention layer loads during the MLP steps (6.7B auto streams a third of
-    # its cache at 12x1); the 8x1 control; operator profiles of the offloaded 4-bit run and of the whole-GPU 24x1
+    # visit 8b: with the next attention layer's cache requested right after this attention layer (a change that
+    # made no difference and was removed; 6.7B auto streams a third of its cache at 12x1); the 8x1 control;
+    # operator profiles of the offloaded 4-bit run and of the whole-GPU 24x1
     "visit8b": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 1 --profile {{profile}}",
@@ -87,8 +88,9 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy --prompt-len 512 --gen-len 3 {T4_LIKE} {CW_64X4} --cache 0.16,0.84,0 --acts 0,1,0 "
         "--torch-profile {out}/visit8c_4bit_64x4.txt --profile {profile}",
     ],
-    # visit 8d: issue 4's GPU validation on the final code (per-kind overheads, cache segments, next-attention
-    # prefetch): both auto policies at 16 GiB, OPT-6.7B's three hand policies, OPT-30B's best hand policy
+    # visit 8d: issue 4's GPU validation (per-kind overheads, cache segments; the engine still had the
+    # next-attention prefetch, since removed): both auto policies at 16 GiB, OPT-6.7B's three hand policies,
+    # OPT-30B's best hand policy
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "

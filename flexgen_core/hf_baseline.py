@@ -25,8 +25,8 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from flexgen_core.bench import synthetic_prompts
 from flexgen_core.models.opt import builtin_spec
+from flexgen_core.plan import GIB
 
-GIB = 2**30
 CHUNK = 1 << 26  # elements per normal_ call when generating on the GPU for a CPU-placed tensor
 
 

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from flexgen_core.plan import MemoryBudget, Workload
-from flexgen_core.planning.hardware import HardwareProfile, resolve_profile
+from flexgen_core.planning.hardware import GIB, HardwareProfile, resolve_profile
 from flexgen_core.planning.policy_search import SearchResult, search_policy
 from flexgen_core.policy import Policy
 
 DEFAULT_MARGIN = 0.05
-GIB = 1 << 30
 
 
 def cache_dir() -> Path:

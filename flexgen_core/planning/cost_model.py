@@ -85,7 +85,7 @@ class CostModel:
         # decoded at 49 ms per token against 26 ms for 8x1 all on the GPU: 0.73 ms more per attention step, with
         # the device idle; visits 8b/8c). The LP sees one segment; `estimate` passes the plan's count.
         self.cache_segments = max(1, cache_segments)
-        self.db = dtype_bytes or (2 if profile.device_type == "cuda" else 4)
+        self.db = dtype_bytes or profile.default_dtype_bytes
         self.cuda = profile.device_type == "cuda"
         p, s = policy, workload.prompt_len
         self.b, self.k = p.gpu_batch_size, p.num_gpu_batches
@@ -390,7 +390,7 @@ def phase_times(model: CostModel, point: dict[str, float], with_overhead: bool =
 def estimate(spec: ModelSpec, policy: Policy, workload: Workload, profile: HardwareProfile,
              dtype_bytes: int | None = None) -> Estimate:
     """Predict one block of `policy` on `profile`, at the placement the exact plan realizes."""
-    db = dtype_bytes or (2 if profile.device_type == "cuda" else 4)
+    db = dtype_bytes or profile.default_dtype_bytes
     plan = build_plan(spec, policy, workload, db, profile.device_type)
     model = CostModel(spec, policy, workload, profile, db, cache_segments=len(plan.cache_split.segments()))
     point = realized_point(plan)

@@ -77,6 +77,11 @@ class HardwareProfile:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ProfileError(f"profile field {name} must be a positive number, got {value!r}")
 
+    @property
+    def default_dtype_bytes(self) -> int:
+        """Bytes per element of the engine's default dtype on this device: fp16 on CUDA, fp32 on the CPU."""
+        return 2 if self.device_type == "cuda" else 4
+
     # ---- rates in SI units, for the cost model -------------------------------------------------
     def h2d_bytes_per_s(self, pinned: bool = True) -> float:
         return (self.h2d_pinned_gbps if pinned else self.h2d_pageable_gbps) * GB

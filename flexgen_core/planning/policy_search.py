@@ -27,7 +27,7 @@ from typing import Any
 
 from flexgen_core.plan import MemoryBudget, PlanDoesNotFit, Workload, build_plan
 from flexgen_core.planning.cost_model import KINDS, PHASES, CostModel, Estimate, estimate
-from flexgen_core.planning.hardware import HardwareProfile
+from flexgen_core.planning.hardware import GIB, HardwareProfile
 from flexgen_core.planning.linear import GROUPS, VARS, Linear
 from flexgen_core.policy import TIERS, Policy, PolicyError, Tier
 from flexgen_core.spec import ModelSpec, weight_bytes
@@ -38,7 +38,6 @@ FLAG_DEFAULTS: dict[str, Any] = {"overlap": True, "cpu_attention": None, "compre
                                  "compress_cache": False, "attn_topk": 1.0, "pin_weights": True}
 MAX_TIGHTEN = 4
 FINALISTS = 12  # LP solutions realized exactly and re-ranked by the estimate
-GIB = 1 << 30
 
 
 class PolicySearchError(RuntimeError):
@@ -92,7 +91,7 @@ def _silence_highs_banner() -> None:
 class _LP:
     """One LP per policy shape; `solve` returns the optimal placement point and block time, or None."""
 
-    def __init__(self, spec: ModelSpec, workload: Workload, profile: HardwareProfile, dtype_bytes: int | None,
+    def __init__(self, spec: ModelSpec, workload: Workload, profile: HardwareProfile, dtype_bytes: int,
                  fixed: dict[str, Any], time_limit_s: float) -> None:
         self.spec, self.workload, self.profile, self.dtype_bytes = spec, workload, profile, dtype_bytes
         self.fixed = fixed
@@ -205,7 +204,7 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
         if name in fixed:
             fixed[name] = getattr(Policy(**{name: tuple(fixed[name])}), name)  # validated triple
     say = log or (lambda _msg: None)
-    db = dtype_bytes or (2 if profile.device_type == "cuda" else 4)
+    db = dtype_bytes or profile.default_dtype_bytes
     lp = _LP(spec, workload, profile, db, fixed, time_limit_s)
     flags = {k: fixed.get(k, v) for k, v in FLAG_DEFAULTS.items()}
     attn_options = [flags["cpu_attention"]] if flags["cpu_attention"] is not None else [False, True]
@@ -290,7 +289,7 @@ def _exact(lp: _LP, shape: Policy, point: dict[str, float], resident: bool, budg
     caps = budget
     for _ in range(MAX_TIGHTEN + 1):
         policy = shape.with_(**_snap(point, shape.gpu_batch_size, lp.fixed))
-        plan = build_plan(lp.spec, policy, lp.workload, lp.dtype_bytes or 2, lp.profile.device_type)
+        plan = build_plan(lp.spec, policy, lp.workload, lp.dtype_bytes, lp.profile.device_type)
         try:
             plan.check(budget)
             return policy

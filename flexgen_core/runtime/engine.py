@@ -352,8 +352,6 @@ class Engine:
             self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
             if overlap and late_acts:
                 self._prefetch_inputs(batches, *step.next_step, cache=False)  # type: ignore[misc]
-            if overlap and step.last_batch:
-                self._prefetch_next_attention(batches, step.token, step.layer)
             if timing:
                 self._sync()
                 now = time.perf_counter()
@@ -389,17 +387,6 @@ class Engine:
         for part in (self._cache, self._acts):
             if part is not None:
                 part.finish_block()
-
-    def _prefetch_next_attention(self, batches: list[BatchState], token: int, layer: int) -> None:
-        """After an attention layer's last GPU batch, start loading the streamed cache of the next attention
-        layer's first batch, so it loads during the MLP steps in between rather than during the last of them
-        only (with one GPU batch, that MLP step is all the time the copy would otherwise get)."""
-        nxt = layer + 2
-        if (self._cache is None or token == 0 or nxt >= self.spec.num_schedule_layers
-                or self.plan.layer(layer).spec.kind != LayerKind.ATTN
-                or self.plan.layer(nxt).spec.kind != LayerKind.ATTN):
-            return
-        self._prefetch_inputs(batches, token, nxt, 0, acts=False)
 
     def _prefetch_inputs(self, batches: list[BatchState], token: int, layer: int, batch: int, cache: bool = True,
                          acts: bool = True) -> None:
