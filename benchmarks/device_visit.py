@@ -61,7 +61,9 @@ def main() -> None:
                 f"{py} -c 'import torch, transformers; print(torch.__version__, transformers.__version__, "
                 "torch.cuda.get_device_name(), torch.cuda.mem_get_info())'", log, 60)
         elif stage == "tests":
-            run(f"{py} -m pytest -q -x -p no:cacheprovider -m 'gpu or not gpu' tests/test_cuda.py", log, min(left, 300))
+            run(f"{py} -m pytest -q -x -p no:cacheprovider -m 'gpu or not gpu' tests/test_cuda.py "
+                "tests/test_triton_kernels.py",
+                log, min(left, 300))
             os.system(f"tail -5 {log}")
         elif stage == "kernels":
             run(f"{py} benchmarks/gpu_kernels.py", log, min(left, 180))

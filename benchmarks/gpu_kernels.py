@@ -1,8 +1,10 @@
 """GPU kernel micro-benchmarks (one device call): decode attention backends, 4-bit dequantization, step overhead.
 
 - decode attention on the OPT-30B decode shape (b=24, nh=56, d=128), cache length changing every call as in
-  real decode (t = 512..543): einsum batched matmuls (the engine's CUDA path), SDPA default (may pick cuDNN),
-  SDPA restricted to memory-efficient or math kernels;
+  real decode (t = 512..543): SDPA default (may pick cuDNN), SDPA restricted to memory-efficient (the engine's
+  fp16 path) or math kernels, einsum matmuls, the Triton kernel over fp16, and over a 4-bit cache against
+  dequantize + SDPA (the engine's 4-bit path before the kernel); and at OPT-6.7B's small-batch shape;
+- the new token's 4-bit K/V quantization: torch against the fused Triton kernel (bit-identical check);
 - 4-bit dequantization of an 8192x8192 weight: the torch path and Triton block shapes; GB/s counts bytes
   written (fp16) plus read (packed);
 - the engine's host overhead per schedule step on a tiny all-resident model.
@@ -18,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flexgen_core.quant import _unpack, dequantize_moved, quantize
+from flexgen_core.quant import QuantConfig, _quantize_torch, _unpack, dequantize_moved, quantize
+from flexgen_core.runtime.kernels import attention_cuda
 from flexgen_core.runtime.kernels.dequant_cuda import dequantize4
-from flexgen_core.runtime.layers import decode_attention
 
 
 def timed(fn, reps: int = 20) -> float:  # noqa: ANN001
@@ -57,20 +59,57 @@ def attention() -> None:
                 return sdpa(kk, vv, m)
         return run
 
-    variants = {"engine path": lambda kk, vv, m: decode_attention(q, kk, vv, m), "sdpa default": sdpa,
-                "sdpa efficient": restricted(SDPBackend.EFFICIENT_ATTENTION), "sdpa math": restricted(SDPBackend.MATH)}
-    nbytes = 2 * 528 * b * nh * d * 2
-    ref = decode_attention(q, k[:520], v[:520], valid[:, :520]).float()
-    print(f"decode attention, b={b} nh={nh} d={d}, t changing 512..543 every call")
+    valid[::3, :7] = False  # some left padding, as in real batches
+    pk, pv = quantize(k, 4, 64, dim=-1), quantize(v, 4, 64, dim=-1)
+
+    def old_packed(kk, vv, m):  # noqa: ANN001, ANN202 (the engine's 4-bit path before the fused kernel)
+        t = kk.shape[0]
+        dk = dequantize_moved(pk.narrow(0, 0, t), torch.float16)
+        dv = dequantize_moved(pv.narrow(0, 0, t), torch.float16)
+        return restricted(SDPBackend.EFFICIENT_ATTENTION)(dk, dv, m)
+
+    def fused_packed(kk, vv, m):  # noqa: ANN001, ANN202
+        t = kk.shape[0]
+        return attention_cuda.decode_attention(q, pk.narrow(0, 0, t), pv.narrow(0, 0, t), m)
+
+    variants = {"sdpa default": sdpa, "sdpa efficient": restricted(SDPBackend.EFFICIENT_ATTENTION),
+                "sdpa math": restricted(SDPBackend.MATH),
+                "einsum matmuls": lambda kk, vv, m: _einsum(q, kk, vv, m),
+                "triton fp16": lambda kk, vv, m: attention_cuda.decode_attention(q, kk, vv, m),
+                "4-bit dequant+sdpa": old_packed, "triton 4-bit": fused_packed}
+    dense_bytes = 2 * 528 * b * nh * d * 2
+    ref = _einsum(q.float(), k[:520].float(), v[:520].float(), valid[:, :520])
+    print(f"decode attention, b={b} nh={nh} d={d}, t changing 512..543 every call (GB/s: fp16 bytes of K and V)")
     for name, fn in variants.items():
         try:
             out = fn(k[:520], v[:520], valid[:, :520])
             out = out[:, :, 0] if out.dim() == 4 else out
             err = ((out.float() - ref).norm() / ref.norm()).item()
             s = timed(step(fn))
-            print(f"  {name:18s} {s * 1e6:9.1f} us/call {nbytes / s / 1e9:8.1f} GB/s  err {err:.1e}")
+            print(f"  {name:18s} {s * 1e6:9.1f} us/call {dense_bytes / s / 1e9:8.1f} GB/s  rel err {err:.1e}")
         except RuntimeError as exc:
             print(f"  {name:18s} failed: {str(exc).splitlines()[0][:100]}")
+
+
+def _einsum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    scores = torch.einsum("bhd,tbhd->bht", q.float() / q.shape[-1] ** 0.5, k.float())
+    p = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bht,tbhd->bhd", p, v.float()).to(q.dtype)
+
+
+def quantize_kv() -> None:
+    """The new token's K/V quantization: torch (about 36 kernels) against the fused Triton kernel."""
+    print("4-bit quantization of one position of K (rows, 56, 128), into a cache buffer")
+    for rows in (8, 24, 64):
+        x = torch.randn(1, rows, 56, 128, device="cuda", dtype=torch.float16) * 2
+        flag = torch.zeros((), dtype=torch.bool, device="cuda")
+        ref = quantize(x.cpu(), 4, 64, dim=-1)
+        torch_s = timed(lambda x=x, flag=flag: _quantize_torch(x, QuantConfig(4, 64), 3, flag))
+        fused = quantize(x, 4, 64, dim=-1, invalid=flag)
+        exact = torch.equal(fused.codes.cpu(), ref.codes) and torch.equal(fused.scales.cpu(), ref.scales)
+        fused_s = timed(lambda x=x, fused=fused, flag=flag: quantize(x, 4, 64, dim=-1, invalid=flag, out=fused))
+        print(f"  rows {rows:3d}: torch {torch_s * 1e6:8.1f} us  triton {fused_s * 1e6:8.1f} us  "
+              f"({torch_s / fused_s:.1f}x)  bit-identical={exact}  flag={bool(flag)}")
 
 
 def dequant() -> None:
@@ -102,7 +141,24 @@ def overhead() -> None:
     print(f"engine step overhead (tiny all-resident model): {prober.step_overhead_us():.1f} us/step")
 
 
+def small_batch_attention() -> None:
+    """Decode attention at OPT-6.7B's small-batch shape (b=8, nh=32), where the kernel splits positions."""
+    b, nh, d, t = 8, 32, 128, 540
+    k = torch.randn(t, b, nh, d, device="cuda", dtype=torch.float16)
+    v = torch.randn(t, b, nh, d, device="cuda", dtype=torch.float16)
+    q = torch.randn(b, nh, d, device="cuda", dtype=torch.float16)
+    valid = torch.ones(b, t, dtype=torch.bool, device="cuda")
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        sdpa_s = timed(lambda: F.scaled_dot_product_attention(q[:, :, None], k.permute(1, 2, 0, 3),
+                                                              v.permute(1, 2, 0, 3), attn_mask=valid[:, None, None]))
+    tri_s = timed(lambda: attention_cuda.decode_attention(q, k, v, valid))
+    print(f"decode attention b={b} nh={nh} t={t}: sdpa efficient {sdpa_s * 1e6:.1f} us, triton {tri_s * 1e6:.1f} us "
+          f"({attention_cuda.splits(b * nh, t)} splits)")
+
+
 if __name__ == "__main__":
     attention()
+    small_batch_attention()
+    quantize_kv()
     dequant()
     overhead()

@@ -91,6 +91,21 @@ SUITES: dict[str, list[str]] = {
     # visit 8d: issue 4's GPU validation (per-kind overheads, cache segments; the engine still had the
     # next-attention prefetch, since removed): both auto policies at 16 GiB, OPT-6.7B's three hand policies,
     # OPT-30B's best hand policy
+    # issue 7 with the fused 4-bit quantize and decode-attention kernels: target 2 (the visit 6 policy and auto)
+    # and target 3 (whole GPU: fp16 with either attention kernel, and a 4-bit cache)
+    "visit9a": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+    ],
+    "visit9b": [
+        f"--model opt-30b --dummy {W} --policy auto --compress-cache --profile {{profile}}",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 --weights 1,0,0 --cache 1,0,0 "
+        "--acts 1,0,0 --profile {profile}",
+        f"env:FLEXGEN_DENSE_ATTENTION=triton --model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 "
+        "--weights 1,0,0 --cache 1,0,0 --acts 1,0,0 --profile {profile}",
+    ],
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "
@@ -209,14 +224,20 @@ def run_case(args: str, timeout: float, rss_limit: int) -> dict:
     pinned host allocation hangs a machine rather than failing) or it runs past `timeout`."""
     import psutil
 
+    env, setting = os.environ.copy(), ""
+    if args.startswith("env:"):  # "env:NAME=VALUE <arguments>": the case runs with that environment variable
+        setting, args = args[4:].split(" ", 1)
+        name, value = setting.split("=", 1)
+        env[name] = value
     if args.startswith("hf:"):  # the Hugging Face Accelerate baseline (benchmarks/hf_accelerate.py)
         label, cmd = "hf_accelerate.py " + args[3:], [sys.executable, str(Path(__file__).with_name(
             "hf_accelerate.py")), *shlex.split(args[3:]), "--json"]
     else:
         label, cmd = "flexgen bench " + args, [sys.executable, "-m", "flexgen_core.cli", "bench", *shlex.split(args),
                                                "--json"]
+    label = f"{setting} {label}" if setting else label
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak, killed = 0, ""
     while proc.poll() is None:
         try:

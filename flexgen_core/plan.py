@@ -421,7 +421,9 @@ def _plan_cache_and_acts(plan: Plan, workload: Workload, gpu: dict[str, int], cp
     cpu["cache.home"] = homes * align(seg(cs.cpu), ALIGN)
     disk["cache.home"] = homes * align(seg(cs.disk), ALIGN)
     gpu["cache.slots"] = 2 * 2 * plan.cache_slot_bytes  # (current, prefetch) x (K, V)
-    if policy.compress_cache:
+    # a compressed cache is dequantized into this buffer for attention, except on CUDA where the fused kernel
+    # attends over the packed cache in place (top-k attention still dequantizes K)
+    if policy.compress_cache and (plan.device_type == "cpu" or policy.attn_topk < 1.0):
         gpu["cache.dequant"] = 2 * kv_bytes(spec, gbs, T, db, False)
     if cs.disk:  # host staging (or CPU-attention workspace) for disk segments, per in-flight batch
         cpu["cache.staging"] = 2 * 2 * align(seg(cs.disk), ALIGN)

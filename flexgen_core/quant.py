@@ -153,12 +153,15 @@ def _half_ceil(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1,
-             invalid: torch.Tensor | None = None) -> PackedTensor:
+             invalid: torch.Tensor | None = None, out: PackedTensor | None = None) -> PackedTensor:
     """Quantize `x` (fp16, bf16 or fp32) in groups of `group_size` along `dim`.
 
     Values that cannot be quantized (inf, NaN, beyond fp16's range) raise ValueError, which costs the caller
-    host syncs. With `invalid` (a bool tensor on x's device) they set it instead, with no sync; the caller
-    checks it later, and the codes of such groups are meaningless.
+    host syncs. With `invalid` (a one-element bool tensor on x's device) they set it instead, with no sync; the
+    caller checks it later, and the codes of such groups are meaningless. With `out` (a packed tensor of x's
+    shape and grouping, e.g. one position of a cache buffer) the result is written there and returned.
+    On CUDA, 4-bit codes grouped along the last dimension with `invalid` given take one fused Triton kernel
+    (`runtime.kernels.quant_cuda`), bit-identical to this function.
     """
     cfg = QuantConfig(bits, group_size)
     if not x.is_floating_point():
@@ -166,6 +169,28 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError("quantize needs a non-empty tensor with at least one dimension")
     dim = dim % x.dim()
+    shape = tuple(x.shape)
+    if out is not None and (out.shape != shape or out.dim != dim or out.config != cfg):
+        raise ValueError(f"quantize: out holds shape {out.shape} grouped along {out.dim} with {out.config}, "
+                         f"not {shape} along {dim} with {cfg}")
+    if invalid is not None and bits == 4 and dim == x.dim() - 1 and x.dim() <= 4:
+        from flexgen_core.runtime.kernels.quant_cuda import quantize4_into
+
+        target = out or PackedTensor(
+            torch.empty(codes_shape(shape, dim, cfg), dtype=torch.uint8, device=x.device),
+            torch.empty(scales_shape(shape, dim, cfg), dtype=torch.float16, device=x.device), shape, dim, cfg, x.dtype)
+        x4 = x.reshape((1,) * (4 - x.dim()) + shape) if x.dim() < 4 else x
+        if quantize4_into(x4, target.codes, target.scales, invalid, group_size):
+            return target
+    packed = _quantize_torch(x, cfg, dim, invalid)
+    if out is None:
+        return packed
+    out.codes.copy_(packed.codes)
+    out.scales.copy_(packed.scales)
+    return out
+
+
+def _quantize_torch(x: torch.Tensor, cfg: QuantConfig, dim: int, invalid: torch.Tensor | None) -> PackedTensor:
     shape = tuple(x.shape)
     n = shape[dim]
     g = cfg.group_size

@@ -86,3 +86,25 @@ def test_triton_dequant_matches_torch_bit_for_bit(shape: tuple[int, ...], dim: i
     wide = torch.zeros(*ref.shape[:-1], ref.shape[-1] + 64, dtype=torch.float16, device="cuda")
     dequantize_moved(packed.to("cuda"), torch.float16, out=wide[..., 32:32 + ref.shape[-1]])
     assert torch.equal(wide[..., 32:32 + ref.shape[-1]].cpu(), ref) and not wide[..., :32].any()
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(2, 3, compress_cache=True),  # the cache on the GPU, attended in place
+    Policy(2, 3, weights=(0.5, 0.5, 0), cache=(0.5, 0.5, 0), compress_cache=True),  # half streamed through slots
+])
+def test_fused_4bit_cache_attention_matches_the_dequantize_path(policy: Policy, small_opt: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexgen_core.runtime.kernels import attention_cuda
+
+    with Engine.from_pretrained(small_opt, policy=policy, device="cuda", offload_dir=tmp_path) as engine:
+        calls = []
+        fused_fn = attention_cuda.decode_attention
+        monkeypatch.setattr(attention_cuda, "decode_attention", lambda *a: calls.append(1) or fused_fn(*a))
+        fused = engine.generate(PROMPTS, NEW, return_logprobs=True)
+        assert calls, "the 4-bit cache must take the fused kernel on CUDA"
+        assert engine._cache is not None and engine._cache.dequant is None  # noqa: SLF001 (no buffer planned)
+        monkeypatch.setattr(attention_cuda, "decode_attention", lambda *a: None)  # dequantize + SDPA instead
+        unfused = engine.generate(PROMPTS, NEW, return_logprobs=True)
+    for a, b in zip(fused, unfused, strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 0.05

@@ -227,10 +227,14 @@ class CostModel:
         read_frac = (1 + topk) / 2  # K in full, V only the kept rows
         seq_pos = b * k * t_read * kvb
         on_device = Linear.of("cache", "gpu") if p.cpu_attention else Linear.of("cache", "gpu", *off)
-        dev_bytes = on_device * (b * k * t_att * 2 * h * self.db * read_frac)
-        device = dev_bytes / prof.device_memory_bytes_per_s
-        if p.compress_cache:
-            device = device + on_device * (b * k * t_att * 2 * h * read_frac / prof.dequant_elems_per_s)
+        if p.compress_cache and self.cuda and topk >= 1.0:
+            # the fused kernel reads the packed cache in place (runtime/kernels/attention_cuda.py)
+            device = on_device * (b * k * t_att * kvb) / prof.device_memory_bytes_per_s
+        else:
+            dev_bytes = on_device * (b * k * t_att * 2 * h * self.db * read_frac)
+            device = dev_bytes / prof.device_memory_bytes_per_s
+            if p.compress_cache:
+                device = device + on_device * (b * k * t_att * 2 * h * read_frac / prof.dequant_elems_per_s)
         new_token = b * k * kvb
         if p.cpu_attention:
             cpu = Linear.of("cache", *off, coef=b * k * 4 * t_att * h / prof.cpu_attention_flops)
@@ -286,7 +290,7 @@ class CostModel:
                 out = out + slots * self.max_layer_bytes  # the weight slots
             if not p.cpu_attention:
                 out = out + Linear.of("cache", "cpu", "disk", coef=4 * b * kv_seq) + 8 * ALIGN
-            if p.compress_cache:
+            if p.compress_cache and (not self.cuda or p.attn_topk < 1.0):  # dequantized K/V (plan: cache.dequant)
                 out = out + 2 * b * T * h * db
             out = out + Linear.of("acts", "gpu", coef=k * b * act_seq) + 2 * b * act_seq
             from flexgen_core.plan import workspace_bytes

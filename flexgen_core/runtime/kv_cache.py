@@ -18,6 +18,7 @@ and only those V rows are read, from wherever V lives.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -27,9 +28,14 @@ from flexgen_core.plan import ALIGN, CACHE_QUANT, PIECE_ALIGN, Plan, align, kv_b
 from flexgen_core.policy import TIERS, Tier
 from flexgen_core.quant import PackedTensor, codes_shape, dequantize_moved, quantize, scales_shape
 from flexgen_core.runtime import layers
+from flexgen_core.runtime.kernels import attention_cuda
 from flexgen_core.runtime.memory import DeviceArena, DiskArena, HostArena, OffloadDir, typed
 from flexgen_core.runtime.transfer import DONE, Ticket, Transfer
 
+# CUDA decode attention over an fp16/bf16 cache: the Triton kernel or memory-efficient SDPA (the default);
+# FLEXGEN_DENSE_ATTENTION=triton selects the kernel (benchmarks). A packed cache always takes the Triton
+# kernel, which reads the 4-bit codes in place.
+FUSED_DENSE_ATTENTION = os.environ.get("FLEXGEN_DENSE_ATTENTION", "sdpa") == "triton"
 CPU_CHUNK = 64  # positions per chunk of CPU attention over a low-precision cache (benchmarks/cpu_attention.py)
 
 
@@ -124,7 +130,8 @@ class KVCache:
         self.staging = ([[HostArena(self.seg_bytes[Tier.DISK], pin=cuda, name="cache.staging") for _ in range(2)]
                          for _ in range(2)] if split.disk else [])
         half = kv_bytes(self.spec, self.policy.gpu_batch_size, self.capacity, dtype.itemsize, False)
-        self.dequant = DeviceArena(2 * half, device, "cache.dequant") if self.policy.compress_cache else None
+        self.dequant = (DeviceArena(2 * half, device, "cache.dequant") if "cache.dequant" in plan.usage[Tier.GPU]
+                        else None)
         self._slot_free: list[Ticket] = [DONE, DONE]
         self._staging_free: list[Ticket] = [DONE, DONE]
         self._stored: dict[tuple[int, int], list[Ticket]] = {}
@@ -231,11 +238,13 @@ class KVCache:
         p = self._quantize(x, block, batch, start)
         return [p.codes.reshape(-1), p.scales.contiguous().view(torch.uint8).reshape(-1)]
 
-    def _quantize(self, x: torch.Tensor, block: int, batch: int, start: int) -> PackedTensor:
-        """4-bit K/V of positions [start, start+n); device data is checked later (`check_values`)."""
+    def _quantize(self, x: torch.Tensor, block: int, batch: int, start: int, out: PackedTensor | None = None
+                  ) -> PackedTensor:
+        """4-bit K/V of positions [start, start+n) (into `out` if given); device data is checked later
+        (`check_values`)."""
         try:
             return quantize(x, CACHE_QUANT.bits, CACHE_QUANT.group_size, dim=-1,
-                            invalid=self._invalid_flag(block, batch, x))
+                            invalid=self._invalid_flag(block, batch, x), out=out)
         except ValueError as exc:  # name the place: non-finite K/V means the model overflowed its dtype
             raise ValueError(f"{exc} in the KV cache of transformer block {block}, GPU batch {batch}, positions "
                              f"{start}..{start + x.shape[0] - 1}; {OVERFLOW_HINT}") from exc
@@ -327,9 +336,7 @@ class KVCache:
         for raw, x in pairs:
             dst = layout.view(raw, t + 1)
             if isinstance(dst, PackedTensor):
-                p = self._quantize(x[None], *place, t)
-                dst.codes[t].copy_(p.codes[0])
-                dst.scales[t].copy_(p.scales[0])
+                self._quantize(x[None], *place, t, out=dst.narrow(0, t, 1))
             else:
                 dst[t].copy_(x)
 
@@ -339,13 +346,19 @@ class KVCache:
         """Attention on the device over raws = [K, V] buffers (home or slot); V rows from `v_from` if top-k."""
         pairs = [(raws[0], k_new)] if v_from else [(raws[0], k_new), (raws[1], v_new)]
         self._write_position(layout, pairs, t, place)
-        keys = self._dequant(layout.view(raws[0], t + 1), 0)
+        cached_k = layout.view(raws[0], t + 1)
         if self.policy.attn_topk >= 1.0:
-            values = self._dequant(layout.view(raws[1], t + 1), 1)
+            cached_v = layout.view(raws[1], t + 1)
+            if not self.check_finite and (layout.packed or FUSED_DENSE_ATTENTION):
+                fused = attention_cuda.decode_attention(q, cached_k, cached_v, valid)  # reads the cache in place
+                if fused is not None:
+                    return fused
+            keys, values = self._dequant(cached_k, 0), self._dequant(cached_v, 1)
             if self.check_finite:
                 _check_positions({"K": keys, "V": values}, f"transformer block {place[0]}, GPU batch {place[1]}, "
                                  f"a {layout.rows}-row segment read on the device")
             return layers.decode_attention(q, keys, values, valid)
+        keys = self._dequant(cached_k, 0)
         if v_from is None:
             return self._topk(q, keys, valid, t, lambda idx: self._gather(layout, raws[1], idx), v_new)
         return self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
@@ -404,7 +417,8 @@ class KVCache:
     def _dequant(self, x: torch.Tensor | PackedTensor, kv: int) -> torch.Tensor:
         if not isinstance(x, PackedTensor):
             return x
-        assert self.dequant is not None
+        if self.dequant is None:  # CUDA plans leave no dequantization buffer (the fused kernel needs none)
+            return dequantize_moved(x, self.dtype)
         half = self.dequant.nbytes // 2
         out = typed(self.dequant.view(kv * half, math.prod(x.shape) * self.dtype.itemsize), self.dtype, x.shape)
         return dequantize_moved(x, self.dtype, out=out)

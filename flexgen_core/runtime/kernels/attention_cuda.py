@@ -1,0 +1,178 @@
+"""Decode attention in Triton over a sequence-major KV cache, dense or 4-bit packed, read in place.
+
+One query per (sequence, head) against positions [0, T) of K and V stored (T, B, H, D) (any strides, contiguous
+D); a packed cache is codes (T, B, H, G, GROUP/2) and fp16 [step, minimum] scales (T, B, H, G, 2) as
+`flexgen_core.quant` lays them out, dequantized in registers, so the cache crosses memory once at 0.28 of
+fp16's bytes and no dequantized copy is written. Split-K ("flash decoding"): each program takes one
+(sequence, head) and a chunk of positions and keeps an online softmax in fp32; when a (sequence, head) is cut
+into several chunks a second small kernel combines them. `valid` (B, T) masks padding; every row must have at
+least one valid position (the current token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexgen_core.quant import PackedTensor
+from flexgen_core.runtime.kernels.triton_support import runs_on
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path runs instead
+    triton = None
+
+BLOCK_T = 32  # positions per loop iteration
+TARGET_PROGRAMS = 1024  # split (sequence, head) rows into chunks until about this many programs run
+MIN_CHUNK = 64  # never cut the positions finer than this
+
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(ptr, s_ptr, t_idx, t_ok, col, col_ok, base, s_base, st0, ss0,
+                   PACKED: tl.constexpr, GROUP: tl.constexpr):
+        """(BLOCK_T, BLOCK_D) fp32 tile of K or V at positions t_idx, columns col."""
+        mask = t_ok[:, None] & col_ok[None, :]
+        rows = t_idx.to(tl.int64)[:, None]
+        if PACKED:
+            byte = tl.load(ptr + base + rows * st0 + col[None, :] // 2, mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((1 - col[None, :] % 2) * 4)) & 15
+            group = s_base + rows * ss0 + (col[None, :] // GROUP) * 2
+            step = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
+            low = tl.load(s_ptr + group + 1, mask=mask, other=0.0).to(tl.float32)
+            return code.to(tl.float32) * step + low
+        else:
+            return tl.load(ptr + base + rows * st0 + col[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, valid_ptr, out_ptr, part_ptr, ml_ptr,
+                                T, H, D, CHUNK, NSPLIT, sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2,
+                                sks0, sks1, sks2, svs0, svs1, svs2, sm0, sm1, so0, so1, scale_log2,
+                                PACKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_D: tl.constexpr, DIRECT: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        col = tl.arange(0, BLOCK_D)
+        col_ok = col < D
+        q = tl.load(q_ptr + b * sq0 + h * sq1 + col, mask=col_ok, other=0.0).to(tl.float32) * scale_log2
+        k_base = b * sk1 + h * sk2
+        v_base = b * sv1 + h * sv2
+        ks_base = b * sks1 + h * sks2
+        vs_base = b * svs1 + h * svs2
+        start = split * CHUNK
+        stop = tl.minimum(start + CHUNK, T)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for t0 in range(start, stop, BLOCK_T):
+            t_idx = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t_idx < stop
+            ok = tl.load(valid_ptr + b * sm0 + t_idx * sm1, mask=t_ok, other=0) != 0
+            k = _load_tile(k_ptr, ks_ptr, t_idx, t_ok, col, col_ok, k_base, ks_base, sk0, sks0, PACKED, GROUP)
+            s = tl.sum(k * q[None, :], axis=1)  # (BLOCK_T,) log2-scaled scores
+            s = tl.where(ok & t_ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe)
+            v = _load_tile(v_ptr, vs_ptr, t_idx, t_ok, col, col_ok, v_base, vs_base, sv0, svs0, PACKED, GROUP)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        if DIRECT:
+            out = acc / l_i
+            tl.store(out_ptr + b * so0 + h * so1 + col, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            row = bh.to(tl.int64) * NSPLIT + split
+            tl.store(part_ptr + row * BLOCK_D + col, acc)
+            one = tl.arange(0, 1)
+            tl.store(ml_ptr + row * 2 + one, m_i)
+            tl.store(ml_ptr + row * 2 + 1 + one, l_i)
+
+    @triton.jit
+    def combine_kernel(part_ptr, ml_ptr, out_ptr, H, D, NSPLIT, so0, so1,
+                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        sp = tl.arange(0, BLOCK_S)
+        sp_ok = sp < NSPLIT
+        col = tl.arange(0, BLOCK_D)
+        row = bh.to(tl.int64) * NSPLIT + sp
+        m = tl.load(ml_ptr + row * 2, mask=sp_ok, other=float("-inf"))
+        l_ = tl.load(ml_ptr + row * 2 + 1, mask=sp_ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+        acc = tl.load(part_ptr + row[:, None] * BLOCK_D + col[None, :], mask=sp_ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
+        tl.store(out_ptr + b * so0 + h * so1 + col, out.to(out_ptr.dtype.element_ty), mask=col < D)
+
+
+def _parts(x: torch.Tensor | PackedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(x, PackedTensor):
+        return x.codes, x.scales
+    return x, None
+
+
+def splits(rows: int, length: int) -> int:
+    """Chunks per (sequence, head) row: enough programs to fill the GPU, never below MIN_CHUNK positions."""
+    want = -(-TARGET_PROGRAMS // max(rows, 1))
+    return max(1, min(want, length // MIN_CHUNK))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor | PackedTensor, v: torch.Tensor | PackedTensor,
+                     valid: torch.Tensor) -> torch.Tensor | None:
+    """q: (B, H, D); k, v: (T, B, H, D) dense or packed; valid: (B, T) bool -> (B, H, D) in q's dtype.
+
+    None when the kernel cannot take these inputs (the caller falls back to dequantize + SDPA).
+    """
+    (kd, ks), (vd, vs) = _parts(k), _parts(v)
+    packed = ks is not None
+    if triton is None or (vs is not None) != packed or not runs_on(q, kd, vd, valid):
+        return None
+    t, b, h, d = k.shape
+    if q.shape != (b, h, d) or valid.shape != (b, t) or q.stride(-1) != 1 or t == 0 or b * h == 0:
+        return None
+    if packed:
+        assert isinstance(k, PackedTensor) and isinstance(v, PackedTensor) and ks is not None and vs is not None
+        if k.bits != 4 or v.bits != 4 or k.dim != 3 or v.dim != 3 or k.group_size != v.group_size:
+            return None
+        if any(x.stride(-1) != 1 or x.stride(-2) != x.shape[-1] for x in (kd, vd, ks, vs)):
+            return None
+        group = k.group_size
+        # strides of the (T, B, H) dims in bytes of codes / halves of scales
+        k_str, v_str = kd.stride()[:3], vd.stride()[:3]
+        ks_str, vs_str = ks.stride()[:3], vs.stride()[:3]
+    else:
+        if kd.stride(-1) != 1 or vd.stride(-1) != 1 or kd.dtype != vd.dtype:
+            return None
+        group = 1
+        k_str, v_str = kd.stride()[:3], vd.stride()[:3]
+        ks, vs = kd, vd  # unused placeholders
+        ks_str = vs_str = (0, 0, 0)
+    block_d = triton.next_power_of_2(d)
+    nsplit = splits(b * h, t)
+    chunk = -(-t // nsplit)
+    chunk = -(-chunk // BLOCK_T) * BLOCK_T
+    nsplit = -(-t // chunk)
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    direct = nsplit == 1
+    if direct:
+        part = ml = out  # unused
+    else:
+        part = torch.empty(b * h * nsplit, block_d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * h * nsplit, 2, dtype=torch.float32, device=q.device)
+    mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    scale_log2 = math.log2(math.e) / math.sqrt(d)
+    decode_attention_kernel[(b * h, nsplit)](
+        q, kd, vd, ks, vs, mask, out, part, ml, t, h, d, chunk, nsplit, q.stride(0), q.stride(1),
+        *k_str, *v_str, *ks_str, *vs_str, mask.stride(0), mask.stride(1), out.stride(0), out.stride(1),
+        scale_log2, PACKED=packed, GROUP=group, BLOCK_T=BLOCK_T, BLOCK_D=block_d, DIRECT=direct, num_warps=4)
+    if not direct:
+        combine_kernel[(b * h,)](part, ml, out, h, d, nsplit, out.stride(0), out.stride(1),
+                                 BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, num_warps=4)
+    return out
