@@ -25,8 +25,9 @@ from flexgen_core.runtime.kernels import attention_cuda
 from flexgen_core.runtime.kernels.dequant_cuda import dequantize4
 
 
-def timed(fn, reps: int = 20) -> float:  # noqa: ANN001
-    fn()
+def timed(fn, reps: int = 20, warmup: int = 32) -> float:  # noqa: ANN001
+    for _ in range(warmup):  # every cache length once: no compilation inside the timed loop
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
@@ -77,6 +78,19 @@ def attention() -> None:
                 "einsum matmuls": lambda kk, vv, m: _einsum(q, kk, vv, m),
                 "triton fp16": lambda kk, vv, m: attention_cuda.decode_attention(q, kk, vv, m),
                 "4-bit dequant+sdpa": old_packed, "triton 4-bit": fused_packed}
+    def tiles(fn, block_t, warps):  # noqa: ANN001, ANN202 (a Triton tile shape for this call only)
+        def run(kk, vv, m):  # noqa: ANN001, ANN202
+            saved = attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS
+            attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS = block_t, warps
+            try:
+                return fn(kk, vv, m)
+            finally:
+                attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS = saved
+        return run
+
+    for block_t, warps in ((16, 4), (64, 4), (32, 8), (64, 8)):
+        variants[f"triton fp16 {block_t}/{warps}"] = tiles(variants["triton fp16"], block_t, warps)
+        variants[f"triton 4-bit {block_t}/{warps}"] = tiles(fused_packed, block_t, warps)
     dense_bytes = 2 * 528 * b * nh * d * 2
     ref = _einsum(q.float(), k[:520].float(), v[:520].float(), valid[:, :520])
     print(f"decode attention, b={b} nh={nh} d={d}, t changing 512..543 every call (GB/s: fp16 bytes of K and V)")

@@ -25,6 +25,7 @@ except ImportError:  # the torch path runs instead
     triton = None
 
 BLOCK_T = 32  # positions per loop iteration
+NUM_WARPS = 4
 TARGET_PROGRAMS = 1024  # split (sequence, head) rows into chunks until about this many programs run
 MIN_CHUNK = 64  # never cut the positions finer than this
 
@@ -46,7 +47,8 @@ if triton is not None:
         else:
             return tl.load(ptr + base + rows * st0 + col[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    @triton.jit
+    # lengths change every decode step: never specialize on them (a specialization compiles a new kernel)
+    @triton.jit(do_not_specialize=["T", "CHUNK", "NSPLIT"])
     def decode_attention_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, valid_ptr, out_ptr, part_ptr, ml_ptr,
                                 T, H, D, CHUNK, NSPLIT, sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2,
                                 sks0, sks1, sks2, svs0, svs1, svs2, sm0, sm1, so0, so1, scale_log2,
@@ -93,7 +95,7 @@ if triton is not None:
             tl.store(ml_ptr + row * 2 + one, m_i)
             tl.store(ml_ptr + row * 2 + 1 + one, l_i)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NSPLIT"])
     def combine_kernel(part_ptr, ml_ptr, out_ptr, H, D, NSPLIT, so0, so1,
                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)
@@ -171,7 +173,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | PackedTensor, v: torch.T
     decode_attention_kernel[(b * h, nsplit)](
         q, kd, vd, ks, vs, mask, out, part, ml, t, h, d, chunk, nsplit, q.stride(0), q.stride(1),
         *k_str, *v_str, *ks_str, *vs_str, mask.stride(0), mask.stride(1), out.stride(0), out.stride(1),
-        scale_log2, PACKED=packed, GROUP=group, BLOCK_T=BLOCK_T, BLOCK_D=block_d, DIRECT=direct, num_warps=4)
+        scale_log2, PACKED=packed, GROUP=group, BLOCK_T=BLOCK_T, BLOCK_D=block_d, DIRECT=direct, num_warps=NUM_WARPS)
     if not direct:
         combine_kernel[(b * h,)](part, ml, out, h, d, nsplit, out.stride(0), out.stride(1),
                                  BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, num_warps=4)

@@ -50,7 +50,7 @@ if triton is not None:
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         return tl.where((r - y == 0.5) & odd, r - 1.0, r)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def quantize4(x_ptr, codes_ptr, scales_ptr, flag_ptr, M, D, G, R, H, sx0, sx1, sx2,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) row index over (P, R, H)
