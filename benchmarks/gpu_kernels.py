@@ -78,19 +78,22 @@ def attention() -> None:
                 "einsum matmuls": lambda kk, vv, m: _einsum(q, kk, vv, m),
                 "triton fp16": lambda kk, vv, m: attention_cuda.decode_attention(q, kk, vv, m),
                 "4-bit dequant+sdpa": old_packed, "triton 4-bit": fused_packed}
-    def tiles(fn, block_t, warps):  # noqa: ANN001, ANN202 (a Triton tile shape for this call only)
+    def tiles(fn, block_t, warps, programs):  # noqa: ANN001, ANN202 (Triton settings for this call only)
         def run(kk, vv, m):  # noqa: ANN001, ANN202
-            saved = attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS
-            attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS = block_t, warps
+            saved = attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS
+            attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS = block_t, warps, programs
             try:
                 return fn(kk, vv, m)
             finally:
-                attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS = saved
+                attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS = saved
         return run
 
-    for block_t, warps in ((16, 4), (64, 4), (32, 8), (64, 8)):
-        variants[f"triton fp16 {block_t}/{warps}"] = tiles(variants["triton fp16"], block_t, warps)
-        variants[f"triton 4-bit {block_t}/{warps}"] = tiles(fused_packed, block_t, warps)
+    # block of positions / warps / target programs (splits of the positions when b*nh is below the target)
+    for block_t, warps, programs in ((16, 4, 1024), (64, 4, 1024), (32, 8, 1024), (32, 4, 4096), (64, 4, 4096),
+                                     (32, 4, 8192), (16, 4, 8192), (64, 8, 8192)):
+        name = f"{block_t}/{warps}/{programs}"
+        variants[f"triton fp16 {name}"] = tiles(variants["triton fp16"], block_t, warps, programs)
+        variants[f"triton 4-bit {name}"] = tiles(fused_packed, block_t, warps, programs)
     dense_bytes = 2 * 528 * b * nh * d * 2
     ref = _einsum(q.float(), k[:520].float(), v[:520].float(), valid[:, :520])
     print(f"decode attention, b={b} nh={nh} d={d}, t changing 512..543 every call (GB/s: fp16 bytes of K and V)")
@@ -100,9 +103,9 @@ def attention() -> None:
             out = out[:, :, 0] if out.dim() == 4 else out
             err = ((out.float() - ref).norm() / ref.norm()).item()
             s = timed(step(fn))
-            print(f"  {name:18s} {s * 1e6:9.1f} us/call {dense_bytes / s / 1e9:8.1f} GB/s  rel err {err:.1e}")
+            print(f"  {name:26s} {s * 1e6:9.1f} us/call {dense_bytes / s / 1e9:8.1f} GB/s  rel err {err:.1e}")
         except RuntimeError as exc:
-            print(f"  {name:18s} failed: {str(exc).splitlines()[0][:100]}")
+            print(f"  {name:26s} failed: {str(exc).splitlines()[0][:100]}")
 
 
 def _einsum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

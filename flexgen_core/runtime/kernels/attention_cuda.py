@@ -31,29 +31,12 @@ MIN_CHUNK = 64  # never cut the positions finer than this
 
 if triton is not None:
 
-    @triton.jit
-    def _load_tile(ptr, s_ptr, t_idx, t_ok, col, col_ok, base, s_base, st0, ss0,
-                   PACKED: tl.constexpr, GROUP: tl.constexpr):
-        """(BLOCK_T, BLOCK_D) fp32 tile of K or V at positions t_idx, columns col."""
-        mask = t_ok[:, None] & col_ok[None, :]
-        rows = t_idx.to(tl.int64)[:, None]
-        if PACKED:
-            byte = tl.load(ptr + base + rows * st0 + col[None, :] // 2, mask=mask, other=0).to(tl.int32)
-            code = (byte >> ((1 - col[None, :] % 2) * 4)) & 15
-            group = s_base + rows * ss0 + (col[None, :] // GROUP) * 2
-            step = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
-            low = tl.load(s_ptr + group + 1, mask=mask, other=0.0).to(tl.float32)
-            return code.to(tl.float32) * step + low
-        else:
-            return tl.load(ptr + base + rows * st0 + col[None, :], mask=mask, other=0.0).to(tl.float32)
-
     # lengths change every decode step: never specialize on them (a specialization compiles a new kernel)
     @triton.jit(do_not_specialize=["T", "CHUNK", "NSPLIT"])
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, valid_ptr, out_ptr, part_ptr, ml_ptr,
-                                T, H, D, CHUNK, NSPLIT, sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2,
-                                sks0, sks1, sks2, svs0, svs1, svs2, sm0, sm1, so0, so1, scale_log2,
-                                PACKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
-                                BLOCK_D: tl.constexpr, DIRECT: tl.constexpr):
+    def dense_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, part_ptr, ml_ptr,
+                     T, H, D, CHUNK, NSPLIT, sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2, sm0, sm1, so0, so1, scale_log2,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr):
+        """Split-K decode attention over a dense (T, B, H, D) cache; see the module doc."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -63,8 +46,6 @@ if triton is not None:
         q = tl.load(q_ptr + b * sq0 + h * sq1 + col, mask=col_ok, other=0.0).to(tl.float32) * scale_log2
         k_base = b * sk1 + h * sk2
         v_base = b * sv1 + h * sv2
-        ks_base = b * sks1 + h * sks2
-        vs_base = b * svs1 + h * svs2
         start = split * CHUNK
         stop = tl.minimum(start + CHUNK, T)
         m_i = tl.full([1], float("-inf"), tl.float32)
@@ -74,14 +55,16 @@ if triton is not None:
             t_idx = t0 + tl.arange(0, BLOCK_T)
             t_ok = t_idx < stop
             ok = tl.load(valid_ptr + b * sm0 + t_idx * sm1, mask=t_ok, other=0) != 0
-            k = _load_tile(k_ptr, ks_ptr, t_idx, t_ok, col, col_ok, k_base, ks_base, sk0, sks0, PACKED, GROUP)
+            tile_mask = t_ok[:, None] & col_ok[None, :]
+            rows = t_idx.to(tl.int64)[:, None]
+            k = tl.load(k_ptr + k_base + rows * sk0 + col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)  # (BLOCK_T,) log2-scaled scores
             s = tl.where(ok & t_ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe)
-            v = _load_tile(v_ptr, vs_ptr, t_idx, t_ok, col, col_ok, v_base, vs_base, sv0, svs0, PACKED, GROUP)
+            v = tl.load(v_ptr + v_base + rows * sv0 + col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
@@ -91,6 +74,83 @@ if triton is not None:
         else:
             row = bh.to(tl.int64) * NSPLIT + split
             tl.store(part_ptr + row * BLOCK_D + col, acc)
+            one = tl.arange(0, 1)
+            tl.store(ml_ptr + row * 2 + one, m_i)
+            tl.store(ml_ptr + row * 2 + 1 + one, l_i)
+
+    @triton.jit(do_not_specialize=["T", "CHUNK", "NSPLIT"])
+    def packed_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, valid_ptr, out_ptr, part_ptr, ml_ptr,
+                      T, H, D, CHUNK, NSPLIT, PART_STRIDE, sq0, sq1, sk0, sk1, sk2, sv0, sv1, sv2,
+                      sks0, sks1, sks2, svs0, svs1, svs2, sm0, sm1, so0, so1, scale_log2,
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, DIRECT: tl.constexpr):
+        """Split-K decode attention over a 4-bit cache. Tiles are (positions, groups, bytes of a group): a byte
+        holds columns 2j (high nibble) and 2j+1, so q and the output are handled as even and odd columns."""
+        HALF: tl.constexpr = GROUP // 2
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        g = tl.arange(0, BLOCK_G)[:, None]  # (G, 1)
+        j = tl.arange(0, HALF)[None, :]  # (1, HALF)
+        col = g * GROUP + 2 * j  # (G, HALF) even columns
+        even_ok = col < D
+        odd_ok = col + 1 < D
+        q_row = q_ptr + b * sq0 + h * sq1
+        q_even = tl.load(q_row + col, mask=even_ok, other=0.0).to(tl.float32) * scale_log2
+        q_odd = tl.load(q_row + col + 1, mask=odd_ok, other=0.0).to(tl.float32) * scale_log2
+        byte_off = (g * HALF + j)[None, :, :]  # (1, G, HALF)
+        byte_ok = (g * GROUP < D)[None, :, :]  # groups past D are never read
+        k_base = b * sk1 + h * sk2
+        v_base = b * sv1 + h * sv2
+        ks_base = b * sks1 + h * sks2
+        vs_base = b * svs1 + h * svs2
+        gs = tl.arange(0, BLOCK_G)[None, :]  # (1, G)
+        g_ok = gs * GROUP < D
+        start = split * CHUNK
+        stop = tl.minimum(start + CHUNK, T)
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc_even = tl.zeros([BLOCK_G, HALF], tl.float32)
+        acc_odd = tl.zeros([BLOCK_G, HALF], tl.float32)
+        for t0 in range(start, stop, BLOCK_T):
+            t_idx = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t_idx < stop
+            ok = tl.load(valid_ptr + b * sm0 + t_idx * sm1, mask=t_ok, other=0) != 0
+            rows = t_idx.to(tl.int64)
+            r3 = rows[:, None, None]
+            m3 = t_ok[:, None, None] & byte_ok
+            r2 = rows[:, None]
+            m2 = t_ok[:, None] & g_ok
+            byte = tl.load(k_ptr + k_base + r3 * sk0 + byte_off, mask=m3, other=0).to(tl.int32)  # (T, G, HALF)
+            step = tl.load(ks_ptr + ks_base + r2 * sks0 + gs * 2, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            low = tl.load(ks_ptr + ks_base + r2 * sks0 + gs * 2 + 1, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            k_even = (byte >> 4).to(tl.float32) * step + low
+            k_odd = (byte & 15).to(tl.float32) * step + low
+            s = tl.sum(tl.sum(k_even * q_even[None, :, :] + k_odd * q_odd[None, :, :], axis=2), axis=1)  # (T,)
+            s = tl.where(ok & t_ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe)
+            byte = tl.load(v_ptr + v_base + r3 * sv0 + byte_off, mask=m3, other=0).to(tl.int32)
+            step = tl.load(vs_ptr + vs_base + r2 * svs0 + gs * 2, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            low = tl.load(vs_ptr + vs_base + r2 * svs0 + gs * 2 + 1, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            v_even = (byte >> 4).to(tl.float32) * step + low
+            v_odd = (byte & 15).to(tl.float32) * step + low
+            p3 = p[:, None, None]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc_even = acc_even * alpha[:, None] + tl.sum(p3 * v_even, axis=0)
+            acc_odd = acc_odd * alpha[:, None] + tl.sum(p3 * v_odd, axis=0)
+            m_i = m_new
+        if DIRECT:
+            o_row = out_ptr + b * so0 + h * so1
+            l2 = l_i[:, None]
+            tl.store(o_row + col, (acc_even / l2).to(out_ptr.dtype.element_ty), mask=even_ok)
+            tl.store(o_row + col + 1, (acc_odd / l2).to(out_ptr.dtype.element_ty), mask=odd_ok)
+        else:
+            row = bh.to(tl.int64) * NSPLIT + split
+            tl.store(part_ptr + row * PART_STRIDE + col, acc_even, mask=even_ok)
+            tl.store(part_ptr + row * PART_STRIDE + col + 1, acc_odd, mask=odd_ok)
             one = tl.arange(0, 1)
             tl.store(ml_ptr + row * 2 + one, m_i)
             tl.store(ml_ptr + row * 2 + 1 + one, l_i)
@@ -146,16 +206,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | PackedTensor, v: torch.T
         if any(x.stride(-1) != 1 or x.stride(-2) != x.shape[-1] for x in (kd, vd, ks, vs)):
             return None
         group = k.group_size
-        # strides of the (T, B, H) dims in bytes of codes / halves of scales
-        k_str, v_str = kd.stride()[:3], vd.stride()[:3]
-        ks_str, vs_str = ks.stride()[:3], vs.stride()[:3]
-    else:
-        if kd.stride(-1) != 1 or vd.stride(-1) != 1 or kd.dtype != vd.dtype:
-            return None
-        group = 1
-        k_str, v_str = kd.stride()[:3], vd.stride()[:3]
-        ks, vs = kd, vd  # unused placeholders
-        ks_str = vs_str = (0, 0, 0)
+    elif kd.stride(-1) != 1 or vd.stride(-1) != 1 or kd.dtype != vd.dtype:
+        return None
     block_d = triton.next_power_of_2(d)
     nsplit = splits(b * h, t)
     chunk = -(-t // nsplit)
@@ -170,10 +222,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | PackedTensor, v: torch.T
         ml = torch.empty(b * h * nsplit, 2, dtype=torch.float32, device=q.device)
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     scale_log2 = math.log2(math.e) / math.sqrt(d)
-    decode_attention_kernel[(b * h, nsplit)](
-        q, kd, vd, ks, vs, mask, out, part, ml, t, h, d, chunk, nsplit, q.stride(0), q.stride(1),
-        *k_str, *v_str, *ks_str, *vs_str, mask.stride(0), mask.stride(1), out.stride(0), out.stride(1),
-        scale_log2, PACKED=packed, GROUP=group, BLOCK_T=BLOCK_T, BLOCK_D=block_d, DIRECT=direct, num_warps=NUM_WARPS)
+    grid = (b * h, nsplit)
+    common = (t, h, d, chunk, nsplit)
+    if packed:
+        packed_kernel[grid](q, kd, vd, ks, vs, mask, out, part, ml, *common, block_d, q.stride(0), q.stride(1),
+                            *kd.stride()[:3], *vd.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], mask.stride(0),
+                            mask.stride(1), out.stride(0), out.stride(1), scale_log2, GROUP=group,
+                            BLOCK_G=triton.next_power_of_2(ks.shape[-2]), BLOCK_T=BLOCK_T, DIRECT=direct,
+                            num_warps=NUM_WARPS)
+    else:
+        dense_kernel[grid](q, kd, vd, mask, out, part, ml, *common, q.stride(0), q.stride(1), *kd.stride()[:3],
+                           *vd.stride()[:3], mask.stride(0), mask.stride(1), out.stride(0), out.stride(1), scale_log2,
+                           BLOCK_T=BLOCK_T, BLOCK_D=block_d, DIRECT=direct, num_warps=NUM_WARPS)
     if not direct:
         combine_kernel[(b * h,)](part, ml, out, h, d, nsplit, out.stride(0), out.stride(1),
                                  BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, num_warps=4)
