@@ -78,22 +78,14 @@ def attention() -> None:
                 "einsum matmuls": lambda kk, vv, m: _einsum(q, kk, vv, m),
                 "triton fp16": lambda kk, vv, m: attention_cuda.decode_attention(q, kk, vv, m),
                 "4-bit dequant+sdpa": old_packed, "triton 4-bit": fused_packed}
-    def tiles(fn, block_t, warps, programs):  # noqa: ANN001, ANN202 (Triton settings for this call only)
-        def run(kk, vv, m):  # noqa: ANN001, ANN202
-            saved = attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS
-            attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS = block_t, warps, programs
-            try:
-                return fn(kk, vv, m)
-            finally:
-                attention_cuda.BLOCK_T, attention_cuda.NUM_WARPS, attention_cuda.TARGET_PROGRAMS = saved
-        return run
-
-    # block of positions / warps / target programs (splits of the positions when b*nh is below the target)
-    for block_t, warps, programs in ((16, 4, 1024), (64, 4, 1024), (32, 8, 1024), (32, 4, 4096), (64, 4, 4096),
-                                     (32, 4, 8192), (16, 4, 8192), (64, 8, 8192)):
-        name = f"{block_t}/{warps}/{programs}"
-        variants[f"triton fp16 {name}"] = tiles(variants["triton fp16"], block_t, warps, programs)
-        variants[f"triton 4-bit {name}"] = tiles(fused_packed, block_t, warps, programs)
+    # (positions per iteration, warps, target programs), around the shipped DENSE_TILE / PACKED_TILE
+    for tile in ((32, 4, 1024), (64, 4, 1024), (32, 4, 4096), (64, 4, 4096), (16, 4, 8192), (32, 4, 8192),
+                 (64, 8, 8192)):
+        name = "/".join(map(str, tile))
+        variants[f"triton fp16 {name}"] = lambda kk, vv, m, tile=tile: attention_cuda.decode_attention(q, kk, vv, m,
+                                                                                                      tile=tile)
+        variants[f"triton 4-bit {name}"] = lambda kk, vv, m, tile=tile: attention_cuda.decode_attention(
+            q, pk.narrow(0, 0, kk.shape[0]), pv.narrow(0, 0, kk.shape[0]), m, tile=tile)
     dense_bytes = 2 * 528 * b * nh * d * 2
     ref = _einsum(q.float(), k[:520].float(), v[:520].float(), valid[:, :520])
     print(f"decode attention, b={b} nh={nh} d={d}, t changing 512..543 every call (GB/s: fp16 bytes of K and V)")
@@ -169,8 +161,10 @@ def small_batch_attention() -> None:
         sdpa_s = timed(lambda: F.scaled_dot_product_attention(q[:, :, None], k.permute(1, 2, 0, 3),
                                                               v.permute(1, 2, 0, 3), attn_mask=valid[:, None, None]))
     tri_s = timed(lambda: attention_cuda.decode_attention(q, k, v, valid))
-    print(f"decode attention b={b} nh={nh} t={t}: sdpa efficient {sdpa_s * 1e6:.1f} us, triton {tri_s * 1e6:.1f} us "
-          f"({attention_cuda.splits(b * nh, t)} splits)")
+    pk, pv = quantize(k, 4, 64, dim=-1), quantize(v, 4, 64, dim=-1)
+    tri4_s = timed(lambda: attention_cuda.decode_attention(q, pk, pv, valid))
+    print(f"decode attention b={b} nh={nh} t={t}: sdpa efficient {sdpa_s * 1e6:.1f} us, triton fp16 "
+          f"{tri_s * 1e6:.1f} us, triton 4-bit {tri4_s * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

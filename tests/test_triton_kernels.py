@@ -61,9 +61,9 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.T
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("t, b, h, d, programs", [(7, 2, 3, 64, 1024), (200, 3, 2, 128, 1024), (300, 1, 1, 72, 1024),
                                                   (200, 3, 2, 128, 1), (65, 2, 2, 16, 1024)])
-def test_fused_decode_attention_matches_reference(t: int, b: int, h: int, d: int, programs: int, packed: bool,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_cuda, "TARGET_PROGRAMS", programs)  # 1: one chunk per row, no combine step
+def test_fused_decode_attention_matches_reference(t: int, b: int, h: int, d: int, programs: int,
+                                                  packed: bool) -> None:
+    tile = (16, 4, programs)  # programs=1: one chunk per row, no combine step
     g = torch.Generator().manual_seed(t + d)
     cap = t + 5  # a view of the first t positions of a longer buffer, as the engine reads a home or slot
     k_buf, v_buf = (torch.randn(cap, b, h, d, generator=g).to(torch.float16) for _ in range(2))
@@ -78,7 +78,7 @@ def test_fused_decode_attention_matches_reference(t: int, b: int, h: int, d: int
     else:
         k_ref, v_ref = k_buf[:t], v_buf[:t]
         k_in, v_in = k_buf.to(DEVICE)[:t], v_buf.to(DEVICE)[:t]
-    out = attention_cuda.decode_attention(q.to(DEVICE), k_in, v_in, valid.to(DEVICE))
+    out = attention_cuda.decode_attention(q.to(DEVICE), k_in, v_in, valid.to(DEVICE), tile=tile)
     assert out is not None and out.dtype == torch.float16 and out.shape == (b, h, d)
     ref = _reference(q, k_ref, v_ref, valid)
     torch.testing.assert_close(out.cpu().double(), ref, atol=2e-3, rtol=2e-3)
