@@ -106,6 +106,11 @@ SUITES: dict[str, list[str]] = {
         f"env:FLEXGEN_DENSE_ATTENTION=triton --model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 "
         "--weights 1,0,0 --cache 1,0,0 --acts 1,0,0 --profile {profile}",
     ],
+    # target 4 with the fused kernels, and whole-GPU fp16 with the Triton/SDPA rule (auto picks 24x1)
+    "visit9c": [
+        f"--model opt-30b --dummy {W} --policy auto --profile {{profile}}",
+        f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
+    ],
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "

@@ -32,10 +32,16 @@ from flexgen_core.runtime.kernels import attention_cuda
 from flexgen_core.runtime.memory import DeviceArena, DiskArena, HostArena, OffloadDir, typed
 from flexgen_core.runtime.transfer import DONE, Ticket, Transfer
 
-# CUDA decode attention over an fp16/bf16 cache: the Triton kernel or memory-efficient SDPA (the default);
-# FLEXGEN_DENSE_ATTENTION=triton selects the kernel (benchmarks). A packed cache always takes the Triton
-# kernel, which reads the 4-bit codes in place.
-FUSED_DENSE_ATTENTION = os.environ.get("FLEXGEN_DENSE_ATTENTION", "sdpa") == "triton"
+# CUDA decode attention over an fp16/bf16 cache: the Triton kernel for many (sequence, head) rows, memory-efficient
+# SDPA for few. H100 (benchmarks/gpu_kernels.py): 1344 rows (OPT-30B, 24 sequences) 189 vs 240 us, 256 rows
+# (OPT-6.7B, 8 sequences) 117 vs 81 us. FLEXGEN_DENSE_ATTENTION=triton or =sdpa forces one (benchmarks). A packed
+# cache always takes the Triton kernel, which reads the 4-bit codes in place.
+DENSE_ATTENTION = os.environ.get("FLEXGEN_DENSE_ATTENTION", "auto")
+TRITON_DENSE_MIN_ROWS = 1024
+
+
+def _fused_dense(rows: int) -> bool:
+    return DENSE_ATTENTION == "triton" or (DENSE_ATTENTION == "auto" and rows >= TRITON_DENSE_MIN_ROWS)
 CPU_CHUNK = 64  # positions per chunk of CPU attention over a low-precision cache (benchmarks/cpu_attention.py)
 
 
@@ -349,7 +355,7 @@ class KVCache:
         cached_k = layout.view(raws[0], t + 1)
         if self.policy.attn_topk >= 1.0:
             cached_v = layout.view(raws[1], t + 1)
-            if not self.check_finite and (layout.packed or FUSED_DENSE_ATTENTION):
+            if not self.check_finite and (layout.packed or _fused_dense(q.shape[0] * q.shape[1])):
                 fused = attention_cuda.decode_attention(q, cached_k, cached_v, valid)  # reads the cache in place
                 if fused is not None:
                     return fused
