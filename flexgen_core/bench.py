@@ -154,9 +154,33 @@ def _prediction(args: argparse.Namespace, engine: Any) -> dict[str, Any]:
                        engine.dtype.itemsize)
     st = engine.last_stats
     measured = engine.policy.block_size * args.num_blocks * args.gen_len / st.total_s if st.total_s else 0.0
-    return {"profile": profile_name, "predicted_tok_s": est.throughput_tok_s, "bound_tok_s": est.bound_tok_s,
-            "predicted_prefill_s": est.prefill_s * args.num_blocks,
-            "predicted_decode_s": est.decode_s * args.num_blocks,
-            "measured_over_predicted": measured / est.throughput_tok_s if est.throughput_tok_s else 0.0,
-            "measured_over_bound": measured / est.bound_tok_s if est.bound_tok_s else 0.0,
-            "predicted_breakdown": est.breakdown}
+    out = {"profile": profile_name, "predicted_tok_s": est.throughput_tok_s, "bound_tok_s": est.bound_tok_s,
+           "predicted_prefill_s": est.prefill_s * args.num_blocks,
+           "predicted_decode_s": est.decode_s * args.num_blocks,
+           "measured_over_predicted": measured / est.throughput_tok_s if est.throughput_tok_s else 0.0,
+           "measured_over_bound": measured / est.bound_tok_s if est.bound_tok_s else 0.0,
+           "predicted_breakdown": est.breakdown}
+    if out["measured_over_bound"] and out["measured_over_bound"] < BOUND_TARGET:
+        measured_s = {"prefill": st.prefill_s, "decode": st.decode_s}
+        out["shortfall"] = shortfall(est.breakdown, measured_s, {"prefill": out["predicted_prefill_s"],
+                                                                 "decode": out["predicted_decode_s"]},
+                                     engine.spec.num_layers)
+    return out
+
+
+BOUND_TARGET = 0.8  # issue 7: every run should reach this fraction of the I/O-or-compute bound
+
+
+def shortfall(breakdown: dict[str, dict[str, dict[str, float]]], measured_s: dict[str, float],
+              predicted_s: dict[str, float], num_layers: int) -> str:
+    """Which phase fell short of its prediction and which term the model expected to limit it there."""
+    phase = max(measured_s, key=lambda ph: measured_s[ph] - predicted_s[ph])
+    counts = {"embed": 1, "attn": num_layers, "mlp": num_layers, "head": 1}
+    kinds = breakdown[phase]
+    kind = max(kinds, key=lambda k: kinds[k]["step"] * counts.get(k, 1))
+    terms = {t: v for t, v in kinds[kind].items() if t not in ("step", "overhead")}
+    term = max(terms, key=lambda t: terms[t])
+    return (f"below {BOUND_TARGET:.0%} of the bound: {phase} took {measured_s[phase]:.2f} s against "
+            f"{predicted_s[phase]:.2f} s predicted; the model expects its {kind} steps to be limited by {term} "
+            f"({terms[term] * 1e3:.2f} ms per step, host overhead {kinds[kind]['overhead'] * 1e3:.2f} ms); "
+            f"measure the steps with --step-timing or --torch-profile")

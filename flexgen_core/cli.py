@@ -229,6 +229,8 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"cost model ({r['profile']}): predicted {r['predicted_tok_s']:.2f} tokens/s, I/O-or-compute "
                      f"bound {r['bound_tok_s']:.2f}; measured/predicted {r['measured_over_predicted']:.2f}, "
                      f"measured/bound {r['measured_over_bound']:.2f}")
+    if r.get("shortfall"):
+        lines.append(r["shortfall"])
     for tokens in r.get("tokens", []):
         lines.append("tokens: " + " ".join(str(t) for t in tokens))
     return "\n".join(lines)

@@ -263,3 +263,20 @@ def test_search_respects_max_block_size() -> None:
     assert result.policy.block_size <= 24
     with pytest.raises(PolicyError, match="max_block_size"):
         search_policy(builtin_spec("opt-1.3b"), W512, T4, budget_of(T4), max_block_size=0)
+
+
+def test_bench_names_the_phase_and_term_that_fell_short() -> None:
+    from flexgen_core.bench import shortfall
+
+    step = {"h2d": 0.0, "d2h": 0.0, "disk_read": 0.0, "disk_write": 0.0, "device": 0.0, "cpu_attention": 0.0,
+            "overhead": 0.0005, "step": 0.0}
+    breakdown = {
+        "prefill": {"embed": dict(step), "attn": dict(step, device=0.01, step=0.01), "mlp": dict(step, device=0.02,
+                    step=0.02), "head": dict(step)},
+        "decode": {"embed": dict(step), "attn": dict(step, h2d=0.03, device=0.002, step=0.03),
+                   "mlp": dict(step, device=0.004, step=0.004), "head": dict(step)},
+    }
+    text = shortfall(breakdown, {"prefill": 1.0, "decode": 9.0}, {"prefill": 0.9, "decode": 4.0}, num_layers=4)
+    assert "decode took 9.00 s against 4.00 s" in text and "attn steps to be limited by h2d" in text
+    text = shortfall(breakdown, {"prefill": 3.0, "decode": 4.1}, {"prefill": 0.9, "decode": 4.0}, num_layers=4)
+    assert "prefill took 3.00 s" in text and "mlp steps to be limited by device" in text

@@ -11,6 +11,8 @@ Decode attention runs per segment of sequences, where that segment's cache can b
 - CPU/disk segment, delegated (cpu_attention): q and the new K/V go to the host and the attention core
   runs there, over the CPU home in place or over a per-slot workspace read from disk, so in-flight GPU
   batches never share a workspace.
+On CUDA, a 4-bit segment is attended in place by a Triton kernel that reads the codes (no dequantized copy),
+and the new token's K/V is quantized by one kernel straight into its position (`runtime/kernels`).
 With attn_topk < 1, K is read in full, the top fraction of past positions (plus the current one) is kept
 and only those V rows are read, from wherever V lives.
 """
@@ -42,6 +44,8 @@ TRITON_DENSE_MIN_ROWS = 1024
 
 def _fused_dense(rows: int) -> bool:
     return DENSE_ATTENTION == "triton" or (DENSE_ATTENTION == "auto" and rows >= TRITON_DENSE_MIN_ROWS)
+
+
 CPU_CHUNK = 64  # positions per chunk of CPU attention over a low-precision cache (benchmarks/cpu_attention.py)
 
 
