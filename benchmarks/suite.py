@@ -28,6 +28,8 @@ CPU_W = "--device cpu --prompt-len 128 --gen-len 16"
 # the 4-bit OPT-30B policy the LP chose for the T4-like budget with 80 GiB of host RAM (visit 6)
 CW_64X4 = ("--cpu-mem-gib 80 --gpu-batch-size 64 --num-gpu-batches 4 --weights 0.0052,0.9948,0 --compress-weights "
            "--compress-cache")
+AB_32X3 = (f"--model opt-30b --dummy --prompt-len 512 --gen-len 8 {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 3 "
+           "--weights 0.1906,0.8094,0 --cache 0,1,0 --acts 0.34375,0.65625,0 --cpu-attention --profile {profile}")
 BISECT_32X2 = ("--cpu-mem-gib 80 --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.0052,0.9948,0 "
                "--cache 0.15625,0.84375,0 --acts 0,1,0")
 SUITES: dict[str, list[str]] = {
@@ -114,6 +116,11 @@ SUITES: dict[str, list[str]] = {
     # target 1 re-checked on the final code of visit 9 (the dense-attention rule changed device attention)
     "visit9d": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
+    # A/B against the code before visit 9 (ab_old/: `git archive 9443fee flexgen_core | tar -x -C ab_old`):
+    # the delegated 16 GiB policy of visit 8a, alternating old and new code
+    "visit9e": [
+        *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
@@ -233,11 +240,13 @@ def run_case(args: str, timeout: float, rss_limit: int) -> dict:
     pinned host allocation hangs a machine rather than failing) or it runs past `timeout`."""
     import psutil
 
-    env, setting = os.environ.copy(), ""
-    if args.startswith("env:"):  # "env:NAME=VALUE <arguments>": the case runs with that environment variable
+    env, settings = os.environ.copy(), []
+    while args.startswith("env:"):  # "env:NAME=VALUE <arguments>": the case runs with that environment variable
         setting, args = args[4:].split(" ", 1)
         name, value = setting.split("=", 1)
         env[name] = value
+        settings.append(setting)
+    setting = " ".join(settings)
     if args.startswith("hf:"):  # the Hugging Face Accelerate baseline (benchmarks/hf_accelerate.py)
         label, cmd = "hf_accelerate.py " + args[3:], [sys.executable, str(Path(__file__).with_name(
             "hf_accelerate.py")), *shlex.split(args[3:]), "--json"]
