@@ -1,9 +1,11 @@
-"""Re-measure only the host-side step overheads of a profile (the probe's tiny model, each layer kind timed).
+"""Re-measure only the host-side step costs of a profile (the probe's tiny model, each layer kind timed).
 
     python3 benchmarks/step_overhead.py --base profiles/h100.yaml --out OUT/h100.yaml
 
 Prints the per-kind decode step times and writes `--base` with `step_overhead_us` (mean of the non-attention
-kinds) and `attn_step_overhead_us` replaced: the rest of a full `flexgen profile` is left as it was.
+kinds), `attn_step_overhead_us` and `disk_acts_step_us` (what activations on disk add to a step, measured in
+the system temp directory, where the engine's offload files go by default) replaced: the rest of a full
+`flexgen profile` is left as it was.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.planning.hardware import HardwareProfile
-from flexgen_core.planning.probe import measure_step_overheads
+from flexgen_core.planning.probe import measure_disk_acts_step, measure_step_overheads
 
 
 def main() -> None:
@@ -31,17 +33,19 @@ def main() -> None:
         raise SystemExit(f"{args.base} describes a CUDA machine but this one has no GPU: run it on that machine")
     with tempfile.TemporaryDirectory(prefix="flexgen-overhead-") as tmp:
         runs = [measure_step_overheads(device, tmp) for _ in range(args.repeats)]
+        disk_acts = measure_disk_acts_step(device, tmp)
     median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     for r in runs:
         print("  ".join(f"{k} {v:8.1f} us" for k, v in r.items()))
     notes = (f"{base.notes} | step overheads re-measured per layer kind by benchmarks/step_overhead.py on "
              f"{time.strftime('%Y-%m-%d')} (median of {args.repeats}): " +
-             ", ".join(f"{k} {v:.1f} us" for k, v in median.items()))
+             ", ".join(f"{k} {v:.1f} us" for k, v in median.items()) + f"; disk_acts_step_us {disk_acts:.1f}")
     out = base.with_(step_overhead_us=round(median["other"], 3), attn_step_overhead_us=round(median["attn"], 3),
-                     notes=notes)
+                     disk_acts_step_us=round(disk_acts, 3), notes=notes)
     out.save(args.out)
     print(f"wrote {args.out}: step_overhead_us {out.step_overhead_us}, attn_step_overhead_us "
-          f"{out.attn_step_overhead_us} (was {base.step_overhead_us}, {base.attn_step_overhead_us})")
+          f"{out.attn_step_overhead_us}, disk_acts_step_us {out.disk_acts_step_us} (was {base.step_overhead_us}, "
+          f"{base.attn_step_overhead_us}, {base.disk_acts_step_us})")
 
 
 if __name__ == "__main__":

@@ -78,13 +78,18 @@ class CostModel:
     """Terms of one policy shape (batch sizes and flags; the placement fractions are the variables)."""
 
     def __init__(self, spec: ModelSpec, policy: Policy, workload: Workload, profile: HardwareProfile,
-                 dtype_bytes: int | None = None, cache_segments: int = 1) -> None:
+                 dtype_bytes: int | None = None, cache_segments: int = 1, acts_on_disk: bool = False) -> None:
         self.spec, self.policy, self.workload, self.profile = spec, policy, workload, profile
         # tiers a GPU batch's cache is split over: decode attention runs once per segment, and each segment costs
         # the host about one attention step's overhead again (OPT-6.7B 12x1 with a third of the cache streamed
         # decoded at 49 ms per token against 26 ms for 8x1 all on the GPU: 0.73 ms more per attention step, with
         # the device idle; visits 8b/8c). The LP sees one segment; `estimate` passes the plan's count.
         self.cache_segments = max(1, cache_segments)
+        # some sequences' activations on disk: every layer step of every GPU batch waits for a small disk write
+        # and read (profile's disk_acts_step_us; OPT-30B 24x4 delegated with 1 of 24 sequences' activations on
+        # disk decoded at 38 ms per layer step against 20 ms predicted without it, visit 9d). Not linear in the
+        # fractions, so the LP sees none of it; `estimate` passes the plan's answer
+        self.acts_on_disk = acts_on_disk
         self.db = dtype_bytes or profile.default_dtype_bytes
         self.cuda = profile.device_type == "cuda"
         p, s = policy, workload.prompt_len
@@ -164,6 +169,8 @@ class CostModel:
         if kind != LayerKind.EMBED:
             h2d = h2d + self._h2d(Linear.of("acts", "cpu", "disk", coef=act))
             disk_read = disk_read + Linear.of("acts", "disk", coef=act) / prof.disk_read_bytes_per_s
+        if self.acts_on_disk:
+            disk_read = disk_read + k * prof.disk_acts_step_s
         if p.compress_weights and kind != LayerKind.EMBED:  # dequantized once per layer step, all batches
             device = device + self.matrix_elems[kind] / prof.dequant_elems_per_s
         if prof.device_elementwise_gbps and kind in (LayerKind.ATTN, LayerKind.MLP):
@@ -396,7 +403,8 @@ def estimate(spec: ModelSpec, policy: Policy, workload: Workload, profile: Hardw
     """Predict one block of `policy` on `profile`, at the placement the exact plan realizes."""
     db = dtype_bytes or profile.default_dtype_bytes
     plan = build_plan(spec, policy, workload, db, profile.device_type)
-    model = CostModel(spec, policy, workload, profile, db, cache_segments=len(plan.cache_split.segments()))
+    model = CostModel(spec, policy, workload, profile, db, cache_segments=len(plan.cache_split.segments()),
+                      acts_on_disk=plan.act_split.disk > 0)
     point = realized_point(plan)
     prefill_s, decode_s, breakdown = phase_times(model, point)
     bound_pre, bound_dec, _ = phase_times(model, point, with_overhead=False)

@@ -17,7 +17,7 @@ GIB = 1 << 30
 GB = 1e9
 
 PAGE_CACHE_STATES = ("bypassed", "dropped", "cached", "unknown")
-OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us")
+OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us", "disk_acts_step_us")
 
 
 class ProfileError(ValueError):
@@ -59,6 +59,10 @@ class HardwareProfile:
     # probe then gives `step_overhead_us` as the mean of the other kinds' steps. None: every kind costs
     # `step_overhead_us` (profiles measured before the probe timed the kinds apart)
     attn_step_overhead_us: float | None = None
+    # time the engine adds to one layer step of one GPU batch whose activations are partly on disk: the hidden
+    # state's disk write and the next layer's read, chained through the disk threads. Tiny (decode) writes are
+    # latency, not bandwidth. None: not modeled
+    disk_acts_step_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):
@@ -130,6 +134,10 @@ class HardwareProfile:
         if attention and self.attn_step_overhead_us is not None:
             return self.attn_step_overhead_us * 1e-6
         return self.step_overhead_s
+
+    @property
+    def disk_acts_step_s(self) -> float:
+        return (self.disk_acts_step_us or 0.0) * 1e-6
 
     # ---- YAML ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from flexgen_core.planning.hardware import GB, GIB, HardwareProfile
+from flexgen_core.policy import Policy
 
 
 def _median_time(fn: Callable[[], object], sync: Callable[[], None], reps: int, warmup: int = 1) -> float:
@@ -170,9 +171,21 @@ class _Prober:
         """Host microseconds per decode step of a tiny all-resident model, where compute is negligible, by
         layer kind ("attn", "mlp", "embed", "head"), with a sync after every step (which costs nothing when
         the host is the bottleneck), and "other": the mean over the non-attention steps of a token."""
-        if self._overheads is not None:
-            return self._overheads
-        from flexgen_core.policy import Policy
+        if self._overheads is None:
+            self._overheads = self._tiny_decode_steps_us(Policy(1, 2))
+        return self._overheads
+
+    def disk_acts_step_us(self) -> float:
+        """Microseconds a layer step of one GPU batch gains when half its sequences' activations are on disk (the
+        tiny model of `step_overheads_us`, attention and MLP steps, against the same policy with them in RAM)."""
+        gains = []
+        for _ in range(3):  # disk latency is noisy: the median of three pairs
+            ram = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 1, 0)))
+            disk = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 0.5, 0.5)))
+            gains.append(sum(disk[k] - ram[k] for k in ("attn", "mlp")) / 2)
+        return max(0.0, statistics.median(gains))
+
+    def _tiny_decode_steps_us(self, policy: Policy) -> dict[str, float]:
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
         from flexgen_core.runtime.memory import OffloadDir
@@ -183,9 +196,9 @@ class _Prober:
         ckpt = Checkpoint("probe-tiny", spec, None, (), "probe")
         offload = OffloadDir(self.offload_dir)
         budget = memory_budget(self.device, offload, None, None)
-        batches = 2
-        with Engine(ckpt, Policy(1, batches), self.device, self.dtype, offload, budget, dummy=True) as engine:
-            prompts = [[5, 6, 7, 8]] * batches
+        batches = policy.num_gpu_batches
+        with Engine(ckpt, policy, self.device, self.dtype, offload, budget, dummy=True) as engine:
+            prompts = [[5, 6, 7, 8]] * policy.block_size
             engine.generate(prompts, 4)  # warm-up
             engine.step_timing = True
             engine.generate(prompts, 16)
@@ -194,7 +207,6 @@ class _Prober:
         result = {kind: per_kind[kind] / (decode_steps * batches * n) * 1e6 for kind, n in counts.items()}
         others = [k for k in counts if k != "attn"]
         result["other"] = sum(result[k] * counts[k] for k in others) / sum(counts[k] for k in others)
-        self._overheads = result
         return result
 
     def step_overhead_us(self) -> float:
@@ -208,6 +220,11 @@ class _Prober:
 def measure_step_overheads(device: str | torch.device, offload_dir: str | Path) -> dict[str, float]:
     """Only the step overheads of `measure` (see `_Prober.step_overheads_us`), in microseconds."""
     return _Prober(torch.device(device), Path(offload_dir), quick=False).step_overheads_us()
+
+
+def measure_disk_acts_step(device: str | torch.device, offload_dir: str | Path) -> float:
+    """Only `disk_acts_step_us` of `measure` (see `_Prober.disk_acts_step_us`), with offload files in `offload_dir`."""
+    return _Prober(torch.device(device), Path(offload_dir), quick=False).disk_acts_step_us()
 
 
 def measure(name: str | None = None, device: str | torch.device | None = None, offload_dir: str | Path | None = None,
@@ -235,6 +252,7 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             ("cpu_dequant_gelems_per_s", lambda: p.dequant_gelems(on_cpu=True)),
             ("step_overhead_us", p.step_overhead_us),
             ("attn_step_overhead_us", p.attn_step_overhead_us),
+            ("disk_acts_step_us", p.disk_acts_step_us),
         ]
         for key, fn in steps:
             start = time.perf_counter()
