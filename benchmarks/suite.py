@@ -122,6 +122,11 @@ SUITES: dict[str, list[str]] = {
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
+    # what the search now picks where it picked 24x4 with 4% of activations on disk (visit 9d run 2, 25.1 tok/s)
+    "visit9f": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 6 --weights 0.2087,0.7913,0 "
+        "--cache 0,1,0 --acts 0.3125,0.6875,0 --cpu-attention --profile {profile}",
+    ],
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "
