@@ -19,7 +19,6 @@ import torch
 
 from flexgen_core.runtime.kernels.triton_support import runs_on
 
-FP16_MAX = 65504.0
 BLOCK_M = 16  # (row, group) tiles per program: 16 rows x 64 values
 
 
