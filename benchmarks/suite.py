@@ -127,6 +127,12 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 6 --weights 0.2087,0.7913,0 "
         "--cache 0,1,0 --acts 0.3125,0.6875,0 --cpu-attention --profile {profile}",
     ],
+    # visit 9d run 2's policy (24x4 delegated, 1 of 24 sequences' activations on disk: 25.1 tok/s) once decode
+    # keeps the disk rows' states in host RAM
+    "visit9g": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.1996,0.8002,0.0002 "
+        "--cache 0,1,0 --acts 0.333333,0.625,0.041667 --cpu-attention --profile {profile}",
+    ],
     "visit8d": [
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 32 --num-gpu-batches 4 --cache 0,1,0 "

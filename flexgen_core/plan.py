@@ -442,6 +442,8 @@ def _plan_cache_and_acts(plan: Plan, workload: Workload, gpu: dict[str, int], cp
         disk["acts.home"] = ngb * align(a.disk * per_seq, ALIGN)
         if a.disk:
             cpu["acts.staging"] = 2 * align(a.disk * per_seq, ALIGN)
+            # decode-width hidden states of the disk rows stay in host RAM (runtime/activations.py)
+            cpu["acts.disk_decode"] = ngb * align(a.disk * spec.hidden_size * db)
     # hidden states of every in-flight batch live on the device during a layer step
     gpu["acts.in_flight"] = (ngb if a.gpu == gbs else 2) * gbs * s * spec.hidden_size * db
     gpu["workspace (estimate)"] = workspace_bytes(spec, gbs, s, T, db, plan.device_type)

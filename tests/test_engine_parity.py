@@ -134,3 +134,21 @@ def test_sampling_is_reproducible_per_seed(tiny_opt: Path) -> None:
         c = engine.generate(PROMPTS, 5, temperature=1.0, top_p=0.9, seed=8)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
+
+
+def test_decode_keeps_disk_rows_activations_off_disk(tiny_opt: Path, offload_dir: Path) -> None:
+    """Activations of disk rows go to disk at prefill width only; decode-width states stay in host RAM."""
+    policy = Policy(2, 2, acts=(0, 0.5, 0.5))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
+        engine.generate(prompts, 1)  # builds the activation store
+        writes = []
+        store = engine._acts  # noqa: SLF001
+        real = store.transfer.disk_write
+        store.transfer.disk_write = lambda *a, **k: writes.append(1) or real(*a, **k)
+        engine.generate(prompts, 1)
+        prefill_only = len(writes)
+        writes.clear()
+        gens = engine.generate(prompts, NEW, return_logprobs=True)
+    assert prefill_only > 0 and len(writes) == prefill_only
+    assert_matches_hf(tiny_opt, prompts, gens)

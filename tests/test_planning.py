@@ -282,26 +282,14 @@ def test_bench_names_the_phase_and_term_that_fell_short() -> None:
     assert "prefill took 3.00 s" in text and "mlp steps to be limited by device" in text
 
 
-def test_activations_on_disk_cost_every_step_when_the_profile_says_so() -> None:
-    spec, work = builtin_spec("opt-30b"), Workload(512, 32)
+def test_activations_on_disk_cost_prefill_steps_only() -> None:
+    """Disk rows' hidden states stay in host RAM at decode width, so only prefill pays the disk latency."""
+    spec, work = builtin_spec("opt-1.3b"), Workload(512, 32)
     prof = resolve_profile("h100").with_(disk_acts_step_us=5000.0)
     unmodeled = prof.with_(disk_acts_step_us=None)
-    on_disk = Policy(24, 4, weights=(0.2, 0.8, 0), cache=(0, 1, 0), acts=(1 / 3, 0.625, 1 / 24), cpu_attention=True)
-    in_ram = Policy(24, 4, weights=(0.2, 0.8, 0), cache=(0, 1, 0), acts=(1 / 3, 2 / 3, 0), cpu_attention=True)
+    on_disk = Policy(8, 4, acts=(0.5, 0.25, 0.25))
+    in_ram = Policy(8, 4, acts=(0.5, 0.5, 0))
     slow, fast = estimate(spec, on_disk, work, prof, 2), estimate(spec, on_disk, work, unmodeled, 2)
-    # 31 decode tokens x 98 layer steps x 4 GPU batches x 5 ms, less what hides under the other terms
-    assert slow.decode_s > fast.decode_s + 20
-    assert estimate(spec, in_ram, work, prof, 2).decode_s == estimate(spec, in_ram, work, unmodeled, 2).decode_s
-
-
-def test_search_keeps_activations_off_disk_when_their_latency_is_known() -> None:
-    """At the host budget of visit 9d's second run the search without the term chose 4% of the activations on disk
-    (measured 25.1 tok/s against 46.8 predicted); with the shipped h100 profile it keeps them in RAM."""
-    spec, work = builtin_spec("opt-30b"), Workload(512, 32)
-    budget = MemoryBudget(int(16 * GIB * 0.95), int(111.9 * GIB), 60 * GIB, None)
-    shipped = resolve_profile("h100")
-    assert shipped.disk_acts_step_us
-    chosen = search_policy(spec, work, shipped, budget, dtype_bytes=2).estimate.policy
-    assert chosen.acts[2] == 0
-    before = search_policy(spec, work, shipped.with_(disk_acts_step_us=None), budget, dtype_bytes=2).estimate.policy
-    assert before.acts[2] > 0
+    # 2 x 24 attention/MLP steps x 4 GPU batches x 5 ms at least, where it exceeds the other terms
+    assert slow.prefill_s > fast.prefill_s + 0.5
+    assert slow.decode_s == fast.decode_s == estimate(spec, in_ram, work, prof, 2).decode_s

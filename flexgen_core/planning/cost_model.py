@@ -85,10 +85,10 @@ class CostModel:
         # decoded at 49 ms per token against 26 ms for 8x1 all on the GPU: 0.73 ms more per attention step, with
         # the device idle; visits 8b/8c). The LP sees one segment; `estimate` passes the plan's count.
         self.cache_segments = max(1, cache_segments)
-        # some sequences' activations on disk: every layer step of every GPU batch waits for a small disk write
-        # and read (profile's disk_acts_step_us; OPT-30B 24x4 delegated with 1 of 24 sequences' activations on
-        # disk decoded at 38 ms per layer step against 20 ms predicted without it, visit 9d). Not linear in the
-        # fractions, so the LP sees none of it; `estimate` passes the plan's answer
+        # some sequences' activations on disk: every prefill layer step of every GPU batch waits for a chained disk
+        # write and read beyond their bytes (profile's disk_acts_step_us). Decode keeps those rows' states in host
+        # RAM since visit 9d, where 1 of 24 sequences' states on disk cost decode 38 ms per layer step instead of
+        # 20. Not linear in the fractions, so the LP sees none of it; `estimate` passes the plan's answer
         self.acts_on_disk = acts_on_disk
         self.db = dtype_bytes or profile.default_dtype_bytes
         self.cuda = profile.device_type == "cuda"
@@ -163,13 +163,16 @@ class CostModel:
         cpu = Linear()
         # activations: every layer but the head stores its output; every layer but the embed loads its input
         act = b * k * width * h * self.db
+        # (decode-width states of the disk rows stay in host RAM: runtime/activations.py)
         if kind != LayerKind.HEAD:
             d2h = d2h + self._d2h(Linear.of("acts", "cpu", "disk", coef=act))
-            disk_write = disk_write + Linear.of("acts", "disk", coef=act) / prof.disk_write_bytes_per_s
+            if prefill:
+                disk_write = disk_write + Linear.of("acts", "disk", coef=act) / prof.disk_write_bytes_per_s
         if kind != LayerKind.EMBED:
             h2d = h2d + self._h2d(Linear.of("acts", "cpu", "disk", coef=act))
-            disk_read = disk_read + Linear.of("acts", "disk", coef=act) / prof.disk_read_bytes_per_s
-        if self.acts_on_disk:
+            if prefill:
+                disk_read = disk_read + Linear.of("acts", "disk", coef=act) / prof.disk_read_bytes_per_s
+        if self.acts_on_disk and prefill:
             disk_read = disk_read + k * prof.disk_acts_step_s
         if p.compress_weights and kind != LayerKind.EMBED:  # dequantized once per layer step, all batches
             device = device + self.matrix_elems[kind] / prof.dequant_elems_per_s
@@ -311,6 +314,7 @@ class CostModel:
                 per_seq = 2 * spec.num_heads * T * 4 + (2 * T * h * 4 if p.compress_cache else 0)
                 out = out + Linear.of("cache", "cpu", "disk", coef=b * per_seq)
             out = out + Linear.of("acts", "cpu", coef=k * b * act_seq) + Linear.of("acts", "disk", coef=2 * b * act_seq)
+            out = out + Linear.of("acts", "disk", coef=k * b * h * db)  # decode-width states of the disk rows
             out = out + 3 * ALIGN
         else:
             out = out + Linear.of("acts", "disk", coef=k * b * act_seq) + k * ALIGN

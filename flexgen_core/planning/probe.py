@@ -176,16 +176,18 @@ class _Prober:
         return self._overheads
 
     def disk_acts_step_us(self) -> float:
-        """Microseconds a layer step of one GPU batch gains when half its sequences' activations are on disk (the
-        tiny model of `step_overheads_us`, attention and MLP steps, against the same policy with them in RAM)."""
+        """Microseconds a prefill layer step of one GPU batch gains when half its sequences' activations are on
+        disk (the tiny model of `step_overheads_us`, attention and MLP steps, against the same policy with them
+        in RAM). Decode keeps those rows' states in RAM, so only prefill pays it."""
         gains = []
         for _ in range(3):  # disk latency is noisy: the median of three pairs
-            ram = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 1, 0)))
-            disk = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 0.5, 0.5)))
+            ram = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 1, 0)), phase="prefill")
+            disk = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 0.5, 0.5)), phase="prefill")
             gains.append(sum(disk[k] - ram[k] for k in ("attn", "mlp")) / 2)
         return max(0.0, statistics.median(gains))
 
-    def _tiny_decode_steps_us(self, policy: Policy) -> dict[str, float]:
+    def _tiny_decode_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
+        """Microseconds per step of each layer kind of a tiny model, in `phase` ("decode" or "prefill")."""
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
         from flexgen_core.runtime.memory import OffloadDir
@@ -201,10 +203,17 @@ class _Prober:
             prompts = [[5, 6, 7, 8]] * policy.block_size
             engine.generate(prompts, 4)  # warm-up
             engine.step_timing = True
-            engine.generate(prompts, 16)
-            per_kind, decode_steps = engine.last_stats.step_s["decode"], engine.last_stats.decode_steps
+            if phase == "decode":
+                engine.generate(prompts, 16)
+                per_kind, passes = engine.last_stats.step_s["decode"], engine.last_stats.decode_steps
+            else:  # prefill runs once per call: sum several calls
+                per_kind, passes = {}, 8
+                for _ in range(passes):
+                    engine.generate(prompts, 1)
+                    for kind, seconds in engine.last_stats.step_s["prefill"].items():
+                        per_kind[kind] = per_kind.get(kind, 0.0) + seconds
         counts = {"attn": spec.num_layers, "mlp": spec.num_layers, "embed": 1, "head": 1}  # steps per token
-        result = {kind: per_kind[kind] / (decode_steps * batches * n) * 1e6 for kind, n in counts.items()}
+        result = {kind: per_kind[kind] / (passes * batches * n) * 1e6 for kind, n in counts.items()}
         others = [k for k in counts if k != "attn"]
         result["other"] = sum(result[k] * counts[k] for k in others) / sum(counts[k] for k in others)
         return result
