@@ -36,12 +36,16 @@ def timed(fn, reps: int = 20, warmup: int = 32) -> float:  # noqa: ANN001
     return (time.perf_counter() - start) / reps
 
 
+def decode_inputs(t: int, b: int, nh: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (b, nh, d), K and V (t, b, nh, d) fp16 on the GPU, and an all-valid (b, t) mask."""
+    k, v = (torch.randn(t, b, nh, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    q = torch.randn(b, nh, d, device="cuda", dtype=torch.float16)
+    return q, k, v, torch.ones(b, t, dtype=torch.bool, device="cuda")
+
+
 def attention() -> None:
     b, nh, d, cap = 24, 56, 128, 544
-    k = torch.randn(cap, b, nh, d, device="cuda", dtype=torch.float16)
-    v = torch.randn(cap, b, nh, d, device="cuda", dtype=torch.float16)
-    q = torch.randn(b, nh, d, device="cuda", dtype=torch.float16)
-    valid = torch.ones(b, cap, dtype=torch.bool, device="cuda")
+    q, k, v, valid = decode_inputs(cap, b, nh, d)
     state = {"t": 512}
 
     def step(fn):  # noqa: ANN001, ANN202
@@ -153,10 +157,7 @@ def overhead() -> None:
 def small_batch_attention() -> None:
     """Decode attention at OPT-6.7B's small-batch shape (b=8, nh=32), where the kernel splits positions."""
     b, nh, d, t = 8, 32, 128, 540
-    k = torch.randn(t, b, nh, d, device="cuda", dtype=torch.float16)
-    v = torch.randn(t, b, nh, d, device="cuda", dtype=torch.float16)
-    q = torch.randn(b, nh, d, device="cuda", dtype=torch.float16)
-    valid = torch.ones(b, t, dtype=torch.bool, device="cuda")
+    q, k, v, valid = decode_inputs(t, b, nh, d)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         sdpa_s = timed(lambda: F.scaled_dot_product_attention(q[:, :, None], k.permute(1, 2, 0, 3),
                                                               v.permute(1, 2, 0, 3), attn_mask=valid[:, None, None]))

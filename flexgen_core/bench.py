@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from flexgen_core.policy import TIERS, Tier
+from flexgen_core.spec import steps_per_token
 
 
 def synthetic_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -106,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "nonfinite_logprobs": nonfinite,  # > 0: the run produced inf/NaN (a bug or an overflow)
         }
         if st.step_s:  # per layer step, as the cost model's breakdown reports it
-            counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
+            counts = spec.steps_per_token
             steps = {"prefill": args.num_blocks, "decode": args.num_blocks * max(args.gen_len - 1, 1)}
             result["measured_step_s"] = {ph: {k: v / (counts[k] * steps[ph]) for k, v in kinds.items()}
                                          for ph, kinds in st.step_s.items()}
@@ -175,9 +176,9 @@ def shortfall(breakdown: dict[str, dict[str, dict[str, float]]], measured_s: dic
               predicted_s: dict[str, float], num_layers: int) -> str:
     """Which phase fell short of its prediction and which term the model expected to limit it there."""
     phase = max(measured_s, key=lambda ph: measured_s[ph] - predicted_s[ph])
-    counts = {"embed": 1, "attn": num_layers, "mlp": num_layers, "head": 1}
+    counts = steps_per_token(num_layers)
     kinds = breakdown[phase]
-    kind = max(kinds, key=lambda k: kinds[k]["step"] * counts.get(k, 1))
+    kind = max(kinds, key=lambda k: kinds[k]["step"] * counts[k])
     terms = {t: v for t, v in kinds[kind].items() if t not in ("step", "overhead")}
     term = max(terms, key=lambda t: terms[t])
     return (f"below {BOUND_TARGET:.0%} of the bound: {phase} took {measured_s[phase]:.2f} s against "

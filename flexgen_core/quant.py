@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_core.runtime.kernels.triton_support import runs_on
+
 SUPPORTED_BITS = (2, 4, 8)
 FP16_MAX = 65504.0
 
@@ -173,7 +175,7 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1
     if out is not None and (out.shape != shape or out.dim != dim or out.config != cfg):
         raise ValueError(f"quantize: out holds shape {out.shape} grouped along {out.dim} with {out.config}, "
                          f"not {shape} along {dim} with {cfg}")
-    if invalid is not None and bits == 4 and dim == x.dim() - 1 and x.dim() <= 4:
+    if invalid is not None and bits == 4 and dim == x.dim() - 1 and x.dim() <= 4 and runs_on(x):
         from flexgen_core.runtime.kernels.quant_cuda import quantize4_into
 
         target = out or PackedTensor(

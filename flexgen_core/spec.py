@@ -59,6 +59,16 @@ class ModelSpec:
     def num_schedule_layers(self) -> int:
         return 2 * self.num_layers + 2
 
+    @property
+    def steps_per_token(self) -> dict[LayerKind, int]:
+        """Schedule steps of each layer kind per token (keys also match the kinds' string values)."""
+        return steps_per_token(self.num_layers)
+
+
+def steps_per_token(num_layers: int) -> dict[LayerKind, int]:
+    """One embedding and one head step, and an attention and an MLP step per transformer block."""
+    return {LayerKind.EMBED: 1, LayerKind.ATTN: num_layers, LayerKind.MLP: num_layers, LayerKind.HEAD: 1}
+
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -266,8 +266,7 @@ class CostModel:
     # ---- totals ----------------------------------------------------------------------------------
     @property
     def layer_counts(self) -> dict[LayerKind, int]:
-        l_ = self.spec.num_layers
-        return {LayerKind.EMBED: 1, LayerKind.ATTN: l_, LayerKind.MLP: l_, LayerKind.HEAD: 1}
+        return self.spec.steps_per_token
 
     @property
     def decode_tokens(self) -> int:

@@ -59,9 +59,9 @@ class HardwareProfile:
     # probe then gives `step_overhead_us` as the mean of the other kinds' steps. None: every kind costs
     # `step_overhead_us` (profiles measured before the probe timed the kinds apart)
     attn_step_overhead_us: float | None = None
-    # time the engine adds to one layer step of one GPU batch whose activations are partly on disk: the hidden
-    # state's disk write and the next layer's read, chained through the disk threads. Tiny (decode) writes are
-    # latency, not bandwidth. None: not modeled
+    # time the engine adds to one prefill layer step of one GPU batch whose activations are partly on disk: the
+    # hidden state's disk write and the next layer's read, chained through the disk threads, beyond their bytes
+    # (decode keeps those rows' states in host RAM). None: not modeled
     disk_acts_step_us: float | None = None
 
     def __post_init__(self) -> None:

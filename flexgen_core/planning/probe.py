@@ -172,7 +172,7 @@ class _Prober:
         layer kind ("attn", "mlp", "embed", "head"), with a sync after every step (which costs nothing when
         the host is the bottleneck), and "other": the mean over the non-attention steps of a token."""
         if self._overheads is None:
-            self._overheads = self._tiny_decode_steps_us(Policy(1, 2))
+            self._overheads = self._tiny_steps_us(Policy(1, 2))
         return self._overheads
 
     def disk_acts_step_us(self) -> float:
@@ -181,12 +181,12 @@ class _Prober:
         in RAM). Decode keeps those rows' states in RAM, so only prefill pays it."""
         gains = []
         for _ in range(3):  # disk latency is noisy: the median of three pairs
-            ram = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 1, 0)), phase="prefill")
-            disk = self._tiny_decode_steps_us(Policy(2, 2, acts=(0, 0.5, 0.5)), phase="prefill")
+            ram = self._tiny_steps_us(Policy(2, 2, acts=(0, 1, 0)), phase="prefill")
+            disk = self._tiny_steps_us(Policy(2, 2, acts=(0, 0.5, 0.5)), phase="prefill")
             gains.append(sum(disk[k] - ram[k] for k in ("attn", "mlp")) / 2)
         return max(0.0, statistics.median(gains))
 
-    def _tiny_decode_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
+    def _tiny_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
         """Microseconds per step of each layer kind of a tiny model, in `phase` ("decode" or "prefill")."""
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
@@ -212,8 +212,8 @@ class _Prober:
                     engine.generate(prompts, 1)
                     for kind, seconds in engine.last_stats.step_s["prefill"].items():
                         per_kind[kind] = per_kind.get(kind, 0.0) + seconds
-        counts = {"attn": spec.num_layers, "mlp": spec.num_layers, "embed": 1, "head": 1}  # steps per token
-        result = {kind: per_kind[kind] / (passes * batches * n) * 1e6 for kind, n in counts.items()}
+        counts = spec.steps_per_token
+        result = {kind.value: per_kind[kind] / (passes * batches * n) * 1e6 for kind, n in counts.items()}
         others = [k for k in counts if k != "attn"]
         result["other"] = sum(result[k] * counts[k] for k in others) / sum(counts[k] for k in others)
         return result

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from flexgen_core.runtime.kernels.triton_support import available
+
 
 @functools.cache
 def _kernel():  # noqa: ANN202 (a triton.JITFunction)
@@ -34,17 +36,6 @@ def _kernel():  # noqa: ANN202 (a triton.JITFunction)
         tl.store(out_ptr + rows64 * out_stride + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
     return dequant4
-
-
-@functools.cache
-def available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 BLOCK = (8, 512, 4)  # rows, columns, warps per program: 760 GB/s on the H100 vs 207 for (32, 128) (gpu_kernels.py)
