@@ -119,6 +119,11 @@ SUITES: dict[str, list[str]] = {
     ],
     # A/B against the code before visit 9 (ab_old/: `git archive 9443fee flexgen_core | tar -x -C ab_old`):
     # the delegated 16 GiB policy of visit 8a, alternating old and new code
+    # hidden-state loads on their own stream (not behind the weights of the layer two ahead): A/B against
+    # b59a36c's engine in ab_old/, alternated
+    "visit10a": [
+        *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

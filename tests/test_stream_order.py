@@ -7,12 +7,16 @@ unwritten bytes: inf/NaN in the 4-bit KV cache on the H100, never on the CPU, wh
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from flexgen_core import Engine, Policy
+from flexgen_core.runtime.activations import ActivationStore
 from flexgen_core.runtime.kv_cache import KVCache
 from flexgen_core.runtime.transfer import Ticket, Transfer
 
@@ -39,10 +43,10 @@ def test_cache_stores_are_marked_after_their_data_is_encoded(tiny_opt: Path, off
         log.append(("encode", None))
         return real_encode(self, *args)
 
-    def copy(self: Transfer, pairs: Any, after: Any = (), store: bool = False) -> Ticket:
-        if store:
+    def copy(self: Transfer, pairs: Any, after: Any = (), lane: str = "load") -> Ticket:
+        if lane == "store":
             log.append(("store", [a for a in after if a is not None]))
-        return real_copy(self, pairs, after, store)
+        return real_copy(self, pairs, after, lane)
 
     def disk_store(self: KVCache, block: int, batch: int, kv: int, regions: Any, data: Any, mark: Ticket) -> Ticket:
         log.append(("store", [mark]))
@@ -63,3 +67,51 @@ def test_cache_stores_are_marked_after_their_data_is_encoded(tiny_opt: Path, off
         last_mark = max(ordered_by)
         encodes_since = [j for j in range(last_mark, i) if log[j][0] == "encode"]
         assert not encodes_since, f"store at {i} may read data encoded after its mark (log {last_mark}..{i})"
+
+
+def test_input_copies_do_not_queue_behind_bulk_loads() -> None:
+    """A hidden state the next step reads must not wait for weights queued before it (one FIFO lane did)."""
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as gate:
+        blocked = Ticket(future=gate.submit(lambda: release.wait() and None))
+        transfer = Transfer(torch.device("cpu"), overlap=True)
+        try:
+            weights_dst, hidden_dst = torch.zeros(4), torch.zeros(4)
+            bulk = transfer.copy([(weights_dst, torch.ones(4))], after=[blocked])
+            hidden = transfer.copy([(hidden_dst, torch.full((4,), 2.0))], lane="input")
+            assert hidden.future is not None and bulk.future is not None
+            hidden.future.result(timeout=10)  # completes while the bulk load still waits
+            assert not bulk.future.done()
+            assert torch.equal(hidden_dst, torch.full((4,), 2.0))
+            release.set()
+            bulk.host_wait()
+            assert torch.equal(weights_dst, torch.ones(4))
+        finally:
+            release.set()
+            transfer.close()
+
+
+def test_hidden_state_loads_use_the_input_lane(tiny_opt: Path, offload_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    lanes: list[str] = []
+    real_prefetch, real_copy = ActivationStore.prefetch, Transfer.copy
+    inside = threading.local()
+
+    def prefetch(self: ActivationStore, *args: Any) -> None:
+        inside.on = True
+        try:
+            real_prefetch(self, *args)
+        finally:
+            inside.on = False
+
+    def copy(self: Transfer, pairs: Any, after: Any = (), lane: str = "load") -> Ticket:
+        if getattr(inside, "on", False):
+            lanes.append(lane)
+        return real_copy(self, pairs, after, lane)
+
+    monkeypatch.setattr(ActivationStore, "prefetch", prefetch)
+    monkeypatch.setattr(Transfer, "copy", copy)
+    policy = Policy(weights=(0.5, 0.5, 0), acts=(0, 1, 0), gpu_batch_size=4, num_gpu_batches=2)
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
+        engine.generate([[2, 5, 6, 7, 8]] * 8, 3)
+    assert lanes and set(lanes) == {"input"}

@@ -70,7 +70,7 @@ class ActivationStore:
             elif tier == Tier.CPU or w == 1:
                 raw = self._raw(tier, batch, n) if tier == Tier.CPU else self._decode_raw(batch, n)
                 dst = typed(raw, self.dtype, part.shape)
-                tickets.append(self.transfer.copy([(dst, part)], after=[mark], store=True))
+                tickets.append(self.transfer.copy([(dst, part)], after=[mark], lane="store"))
             else:
                 arena = self.homes[Tier.DISK]
                 assert isinstance(arena, DiskArena)
@@ -96,7 +96,8 @@ class ActivationStore:
                 dst.copy_(typed(self._raw(tier, batch, n), self.dtype, dst.shape))
             elif tier == Tier.CPU or width == 1:
                 raw = self._raw(tier, batch, n) if tier == Tier.CPU else self._decode_raw(batch, n)
-                tickets.append(self.transfer.copy([(dst, typed(raw, self.dtype, dst.shape))], after=after))
+                src = typed(raw, self.dtype, dst.shape)
+                tickets.append(self.transfer.copy([(dst, src)], after=after, lane="input"))
             else:
                 turn = self._staging_turn
                 self._staging_turn ^= 1

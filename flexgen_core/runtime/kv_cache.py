@@ -236,7 +236,7 @@ class KVCache:
                 if tier == Tier.CPU:
                     raw = self._home_raw(tier, block, batch, kv)
                     pairs = [(raw[off:off + n], d) for (off, n), d in zip(regions, data, strict=True)]
-                    tickets.append(self.transfer.copy(pairs, after=[mark], store=True))
+                    tickets.append(self.transfer.copy(pairs, after=[mark], lane="store"))
                 else:
                     tickets.append(self._disk_store(block, batch, kv, regions, data, mark))
 

@@ -1,6 +1,9 @@
 """Asynchronous copies between tiers, with one completion `Ticket` per copy.
 
-On CUDA, host<->device copies run on two side streams (loads, stores) and complete with CUDA events:
+On CUDA, host<->device copies run on three side streams and complete with CUDA events: bulk loads (weights,
+streamed cache), stores, and inputs (the hidden states the next step reads). Inputs have their own stream so
+a few hundred KB never queue behind a layer's weights: in one FIFO stream, each GPU batch's hidden state
+waited for the weights of the layer two ahead, which serialized CPU attention with the weight transfer.
 `Ticket.wait()` makes the compute stream wait for that copy only (never a device-wide sync). Disk
 reads and writes run on background threads (positional file I/O into pinned staging, then an async
 copy on the thread's own stream). With the CPU as compute device the same calls run on a background
@@ -14,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 
@@ -67,6 +71,8 @@ class Ticket:
 
 DONE = Ticket()
 
+Lane = Literal["load", "store", "input"]  # bulk host->device, device->host, latency-critical host->device
+
 
 class Transfer:
     """Copies between compute device, host and disk (see module docstring)."""
@@ -76,13 +82,16 @@ class Transfer:
         self.overlap = overlap
         self.cuda = device.type == "cuda"
         self._disk_pool = ThreadPoolExecutor(max_workers=disk_threads, thread_name_prefix="flexgen-disk")
-        self._copy_pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-copy")
-                           if overlap and not self.cuda else None)
+        host_lanes = overlap and not self.cuda  # on the CPU, each lane is one background thread
+        self._copy_pools: dict[str, ThreadPoolExecutor] = {
+            lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flexgen-{lane}")
+            for lane in (("load", "input") if host_lanes else ())}
         self._local = threading.local()
         self._pending: list[Future] = []
         if self.cuda:
             self.load_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
             self.store_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
+            self.input_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
 
     # ---- compute-stream marks ---------------------------------------------------------------
     def mark(self) -> Ticket:
@@ -95,13 +104,13 @@ class Transfer:
 
     # ---- host <-> device ----------------------------------------------------------------------
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: Iterable[Ticket] = (),
-             store: bool = False) -> Ticket:
-        """Copy each (dst, src) pair, after the `after` tickets, on the load (or store) stream."""
+             lane: Lane = "load") -> Ticket:
+        """Copy each (dst, src) pair, after the `after` tickets, on `lane`'s stream."""
         after = [t for t in after if t is not None]
         if not pairs:
             return Ticket.all(after)
         if self.cuda:
-            stream = self.store_stream if store else self.load_stream
+            stream = {"load": self.load_stream, "store": self.store_stream, "input": self.input_stream}[lane]
             for t in after:
                 t.stream_wait(stream)
             with torch.cuda.stream(stream):
@@ -112,7 +121,8 @@ class Transfer:
                 ev = torch.cuda.Event()
                 ev.record(stream)
             return Ticket(event=ev)
-        return self._run_host(lambda: _copy_all(pairs), after, pool=self._copy_pool)
+        pool = self._copy_pools.get("input" if lane == "input" else "load")  # stores share the load thread
+        return self._run_host(lambda: _copy_all(pairs), after, pool=pool)
 
     # ---- disk ---------------------------------------------------------------------------------
     def disk_read(self, reads: Sequence[tuple[DiskArena, int, torch.Tensor]],
@@ -188,9 +198,8 @@ class Transfer:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        for pool in (self._copy_pool, self._disk_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        for pool in (*self._copy_pools.values(), self._disk_pool):
+            pool.shutdown(wait=True)
 
 
 def _copy_all(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
