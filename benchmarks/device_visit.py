@@ -3,7 +3,8 @@
     python3 benchmarks/device_visit.py --out $OUT --stages env,tests,profile,suite:visit1 --budget-s 560
 
 Stages: `env` (GPU, driver, torch, memory, disk), `tests` (the CUDA tests: pytest -m gpu), `cpuattn` (CPU
-decode-attention kernels, benchmarks/cpu_attention.py), `profile` (our
+decode-attention kernels, benchmarks/cpu_attention.py), `overlap` (CPU attention against a concurrent
+weight copy, benchmarks/delegated_overlap.py), `profile` (our
 prober -> OUT/h100.yaml), `overhead` (only the step overheads, benchmarks/step_overhead.py, on top of
 OUT/h100.yaml or profiles/h100.yaml -> OUT/h100.yaml), `suite:NAME` (benchmarks/suite.py; cases may use
 {profile}, the profile just measured or profiles/h100.yaml, and {out}, the output folder).
@@ -71,6 +72,9 @@ def main() -> None:
         elif stage == "cpuattn":
             run(f"{py} benchmarks/cpu_attention.py", log, min(left, 120))
             os.system(f"tail -12 {log}")
+        elif stage == "overlap":
+            run(f"{py} benchmarks/delegated_overlap.py", log, min(left, 120))
+            os.system(f"cat {log}")
         elif stage == "overhead":  # step overheads only, on top of the measured or the shipped profile
             base = profile if profile.is_file() else ROOT / "profiles" / "h100.yaml"
             run(f"{py} benchmarks/step_overhead.py --base {base} --out {profile}", log, min(left, 120))

@@ -124,6 +124,8 @@ SUITES: dict[str, list[str]] = {
     "visit10a": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
+    # the same policy, new code, with the host-attention split (wait / compute / return) in its JSON
+    "visit10b": [AB_32X3],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

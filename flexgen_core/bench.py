@@ -106,6 +106,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "disk_direct": engine.disk_direct,
             "nonfinite_logprobs": nonfinite,  # > 0: the run produced inf/NaN (a bug or an overflow)
         }
+        if st.host_attention_s:
+            result["host_attention_s"] = dict(st.host_attention_s)
         if st.step_s:  # per layer step, as the cost model's breakdown reports it
             counts = spec.steps_per_token
             steps = {"prefill": args.num_blocks, "decode": args.num_blocks * max(args.gen_len - 1, 1)}

@@ -218,6 +218,10 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"  stage {st['stage']} (rank {st['stage']}): {st['slice']}; policy {st['policy_str']}; planned "
                      + ", ".join(f"{t} {fmt_bytes(st['plan_bytes'][t])}" for t in ("gpu", "cpu", "disk"))
                      + "; peak " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in st["peak_bytes"].items()))
+    if r.get("host_attention_s"):
+        h = r["host_attention_s"]
+        lines.append(f"CPU-delegated attention (host seconds): waiting for q/k/v {h['wait']:.3f}, attention "
+                     f"{h['compute']:.3f}, returning the output {h['return']:.3f}")
     if r.get("measured_step_s"):
         pred = r.get("predicted_breakdown", {})
         lines.append("measured seconds per layer step (predicted):")

@@ -376,6 +376,10 @@ class Engine:
         self._finish_block("decode")
         if n_tokens > 1:
             stats.decode_s += time.perf_counter() - start
+        if self._cache is not None and any(self._cache.host_seconds.values()):
+            for part, seconds in self._cache.host_seconds.items():
+                stats.host_attention_s[part] = stats.host_attention_s.get(part, 0.0) + seconds
+                self._cache.host_seconds[part] = 0.0
         return done_tokens
 
     def _finish_block(self, phase: str) -> None:

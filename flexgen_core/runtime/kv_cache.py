@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -154,6 +155,7 @@ class KVCache:
         # (local transformer block, GPU batch): K/V that could not be quantized; set on the device without a
         # host sync and checked by `check_values` where the engine syncs anyway
         self.check_finite = False  # diagnostic: raise on inf/NaN in the K/V that decode attention reads
+        self.host_seconds = {"wait": 0.0, "compute": 0.0, "return": 0.0}  # delegated attention (CallStats)
         self._invalid = (torch.zeros(len(plan.blocks), self.policy.num_gpu_batches, dtype=torch.bool, device=device)
                          if self.policy.compress_cache else None)
 
@@ -377,8 +379,10 @@ class KVCache:
                      v_new: torch.Tensor, valid: torch.Tensor, t: int, place: tuple[int, int],
                      v_from: tuple[Tier, int, int]) -> torch.Tensor:
         """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace)."""
+        start = time.perf_counter()
         q, k_new, v_new = torch.stack((q, k_new, v_new)).to("cpu")  # one device->host transfer
         valid = valid.to("cpu")
+        computed = time.perf_counter()
         self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t, place)
         host_dtype = torch.float32 if layout.packed else layout.dtype
         keys = _dense(layout.view(raws[0], t + 1), host_dtype)
@@ -387,7 +391,13 @@ class KVCache:
             out = layers.host_decode_attention(q, keys, values, valid, chunk=CPU_CHUNK)
         else:
             out = self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
-        return out.to(self.device, non_blocking=True)
+        returned = time.perf_counter()
+        out = out.to(self.device, non_blocking=True)
+        seconds = self.host_seconds
+        seconds["wait"] += computed - start
+        seconds["compute"] += returned - computed
+        seconds["return"] += time.perf_counter() - returned
+        return out
 
     def _topk(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, t: int,
               gather: Callable[[torch.Tensor], torch.Tensor], v_new: torch.Tensor) -> torch.Tensor:
