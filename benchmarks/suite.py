@@ -126,6 +126,11 @@ SUITES: dict[str, list[str]] = {
     ],
     # the same policy, new code, with the host-attention split (wait / compute / return) in its JSON
     "visit10b": [AB_32X3],
+    # CPU-delegated attention on its own thread, finished after the next GPU batch's attention is issued; A/B
+    # against b59a36c's engine in ab_old/
+    "visit10c": [
+        *[AB_32X3, f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}"] * 2,
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

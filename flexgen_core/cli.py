@@ -220,8 +220,8 @@ def format_bench(r: dict[str, Any]) -> str:
                      + "; peak " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in st["peak_bytes"].items()))
     if r.get("host_attention_s"):
         h = r["host_attention_s"]
-        lines.append(f"CPU-delegated attention (host seconds): waiting for q/k/v {h['wait']:.3f}, attention "
-                     f"{h['compute']:.3f}, returning the output {h['return']:.3f}")
+        lines.append(f"CPU-delegated attention, host seconds: computing {h['compute']:.3f}, its thread waiting for "
+                     f"q/k/v {h['inputs']:.3f}, the main thread waiting for results {h['wait']:.3f}")
     if r.get("measured_step_s"):
         pred = r.get("predicted_breakdown", {})
         lines.append("measured seconds per layer step (predicted):")

@@ -46,8 +46,8 @@ class CallStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     # with Engine.step_timing on: seconds per (phase, layer kind), device-synchronized after every step
     step_s: dict[str, dict[str, float]] = field(default_factory=dict)
-    # CPU-delegated decode attention, host seconds: "wait" for q/k/v from the device (which waits for the layer's
-    # inputs and weights), "compute" the attention on the CPU, "return" handing the output back
+    # CPU-delegated decode attention, host seconds: "compute" on its thread, "inputs" that thread waiting for q/k/v
+    # from the device (which wait for the layer's inputs and weights), "wait" the main thread waiting for results
     host_attention_s: dict[str, float] = field(default_factory=dict)
 
     @property

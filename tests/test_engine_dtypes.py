@@ -65,3 +65,36 @@ def test_native_cpu_attention_matches_reference(dtype: torch.dtype, head_dim: in
     assert ((out.double() - ref).norm() / ref.norm()) < tol
     # a cache view that is not contiguous within a position is declined (the caller falls back)
     assert cpu_decode_attention(q, k.transpose(1, 2), v.transpose(1, 2), valid) is None
+
+
+def test_native_cpu_attention_releases_the_gil() -> None:
+    """The engine runs CPU attention on its own thread; the main thread must keep running Python meanwhile."""
+    import threading
+    import time
+
+    from flexgen_core.runtime.kernels import cpu_decode_attention, native_module
+
+    if native_module() is None:
+        pytest.skip("no C++ toolchain: the engine uses the torch path (torch ops release the GIL)")
+    t, b, nh, d = 4096, 8, 16, 64
+    k = torch.randn(t, b, nh, d)
+    v = torch.randn(t, b, nh, d)
+    q = torch.randn(b, nh, d)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leave a core to the main thread
+    try:
+        start = time.perf_counter()
+        cpu_decode_attention(q, k, v, valid)
+        call_s = time.perf_counter() - start
+        worker = threading.Thread(target=lambda: [cpu_decode_attention(q, k, v, valid) for _ in range(3)])
+        ticks = []
+        worker.start()
+        while worker.is_alive():
+            ticks.append(time.perf_counter())
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    largest_gap = max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+    assert largest_gap < call_s / 2, f"the main thread stalled {largest_gap * 1e3:.0f} ms (a call takes " \
+                                     f"{call_s * 1e3:.0f} ms): the kernel holds the GIL"

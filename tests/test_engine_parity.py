@@ -32,6 +32,11 @@ POLICIES = {
     "no_overlap": Policy(2, 3, weights=(0.3, 0.5, 0.2), cache=(0.3, 0.5, 0.2), acts=(0, 0.5, 0.5), overlap=False),
     "cpu_attention": Policy(2, 3, cache=(0, 0.5, 0.5), cpu_attention=True),
     "cpu_attention_mixed_no_overlap": Policy(2, 2, cache=(0.4, 0.3, 0.3), cpu_attention=True, overlap=False),
+    # delegated attention finishes a GPU batch after the next one starts: with activations off the device, the
+    # next layer's first input is requested only once its attention is finished (two and three GPU batches)
+    "cpu_attention_acts_off_device": Policy(2, 2, cache=(0, 1, 0), acts=(0, 0.5, 0.5), cpu_attention=True),
+    "cpu_attention_acts_cpu_3": Policy(2, 3, weights=(0.5, 0.5, 0), cache=(0.5, 0, 0.5), acts=(0.5, 0.5, 0),
+                                       cpu_attention=True),
 }
 
 

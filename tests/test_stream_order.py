@@ -115,3 +115,38 @@ def test_hidden_state_loads_use_the_input_lane(tiny_opt: Path, offload_dir: Path
     with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
         engine.generate([[2, 5, 6, 7, 8]] * 8, 3)
     assert lanes and set(lanes) == {"input"}
+
+
+def test_delegated_attention_runs_on_its_thread_while_the_next_batch_starts(tiny_opt: Path, offload_dir: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU attention of GPU batch i runs on the host-attention thread; batch i+1's attention is issued before
+    batch i's result is collected, so the device computes while the host attends."""
+    from flexgen_core.runtime import layers
+
+    log: list[tuple[str, int]] = []
+    threads: set[str] = set()
+    real_begin, real_collect, real_host = KVCache.begin_decode, KVCache.collect, layers.host_decode_attention
+
+    def begin(self: KVCache, block: int, batch: int, *args: Any) -> Any:
+        log.append(("begin", batch))
+        return real_begin(self, block, batch, *args)
+
+    def collect(self: KVCache, job: Any) -> Any:
+        log.append(("collect", job.key[0]))
+        return real_collect(self, job)
+
+    def host(*args: Any, **kwargs: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return real_host(*args, **kwargs)
+
+    monkeypatch.setattr(KVCache, "begin_decode", begin)
+    monkeypatch.setattr(KVCache, "collect", collect)
+    monkeypatch.setattr(layers, "host_decode_attention", host)
+    policy = Policy(2, 3, cache=(0, 1, 0), cpu_attention=True)
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
+        engine.generate([[2, 5, 6, 7, 8]] * 6, 3)
+        assert engine.last_stats.host_attention_s["compute"] > 0
+    assert threads and all(name.startswith("flexgen-attention") for name in threads)
+    first_layer = log[:6]  # one attention layer of the first decode token: 3 GPU batches
+    assert first_layer == [("begin", 0), ("begin", 1), ("collect", 0), ("begin", 2), ("collect", 1),
+                           ("collect", 2)]

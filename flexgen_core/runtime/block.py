@@ -37,6 +37,7 @@ class BatchState:
     prompt_len: int  # s
     ids: torch.Tensor  # (rows, s) long, left-padded
     valid: torch.Tensor  # (rows, s + n) bool: real prompt tokens and every generated position
+    valid_host: torch.Tensor  # the same on the CPU (CPU-delegated attention reads it there)
     real_len: torch.Tensor  # (rows,) long, unpadded prompt lengths
     stop_ids: torch.Tensor  # (rows, m) long, -1 = none
     tokens: torch.Tensor  # (rows, n) long, generated ids
@@ -74,7 +75,7 @@ def make_batch(prompts: Sequence[Sequence[int]], prompt_len: int, gen_len: int, 
         if s:
             stops[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
     return BatchState(
-        rows=rows, prompt_len=prompt_len, ids=ids.to(device), valid=valid.to(device),
+        rows=rows, prompt_len=prompt_len, ids=ids.to(device), valid=valid.to(device), valid_host=valid,
         real_len=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
         stop_ids=stops.to(device), tokens=torch.zeros(rows, gen_len, dtype=torch.long, device=device),
         logprobs=torch.zeros(rows, gen_len, dtype=torch.float32, device=device),

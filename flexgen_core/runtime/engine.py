@@ -12,6 +12,7 @@ import resource
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -25,7 +26,7 @@ from flexgen_core.runtime import layers
 from flexgen_core.runtime.activations import ActivationStore
 from flexgen_core.runtime.block import BatchState, Sampler, make_batch, normalize_stop_ids, plan_blocks
 from flexgen_core.runtime.checkpoint import Checkpoint
-from flexgen_core.runtime.kv_cache import KVCache
+from flexgen_core.runtime.kv_cache import KVCache, PendingAttention
 from flexgen_core.runtime.memory import OffloadDir
 from flexgen_core.runtime.schedule import prologue, zigzag
 from flexgen_core.runtime.transfer import Transfer
@@ -62,6 +63,18 @@ def memory_budget(device: torch.device, offload: OffloadDir, gpu_mem_gib: float 
     return MemoryBudget(gpu, cpu, disk, host_bytes=host_free if device.type == "cpu" else None)
 
 
+@dataclass
+class DeferredAttention:
+    """A decode attention step of one GPU batch waiting for its CPU-delegated part (see `Engine._compute`)."""
+
+    state: BatchState
+    batch: int
+    x: torch.Tensor  # (rows, 1, h) the layer's input (residual)
+    weights: dict[str, torch.Tensor]
+    pending: PendingAttention
+    where: tuple[int, int]  # (token, layer)
+
+
 class Engine:
     """FlexGen-style offloading generation engine (see `from_pretrained`, `generate`, `score`)."""
 
@@ -79,6 +92,8 @@ class Engine:
         self._cache: KVCache | None = None
         self._acts: ActivationStore | None = None
         self._run_plan: Plan | None = None
+        self._deferred: list[DeferredAttention] = []  # decode attention steps whose host part is still running
+        self._acts_wanted: dict[int, tuple[int, int]] = {}  # GPU batch -> (rows, width) to prefetch once finished
         self.transfer = Transfer(device, policy.overlap)
         self.weights: WeightStore | None = None
         try:
@@ -327,6 +342,7 @@ class Engine:
         overlap = self.policy.overlap
         any_stops = bool((torch.cat([b.stop_ids for b in batches]) >= 0).any()) if sampler else False
         stats.blocks += 1
+        self._deferred, self._acts_wanted = [], {}
         start = time.perf_counter()
         slots = self.plan.weight_slots
         if overlap:
@@ -350,6 +366,8 @@ class Engine:
                 if self.check_finite:
                     self._check_weights(step.layer, step.token, w)
             self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
+            if step.last_batch:
+                self._finish_deferred()
             if overlap and late_acts:
                 self._prefetch_inputs(batches, *step.next_step, cache=False)  # type: ignore[misc]
             if timing:
@@ -399,7 +417,11 @@ class Engine:
         if cache and kind == LayerKind.ATTN and token > 0 and self._cache is not None:
             self._cache.prefetch((layer - 1) // 2, batch, b.prompt_len + token - 1)
         if acts and kind != LayerKind.EMBED and self._acts is not None:
-            self._acts.prefetch(batch, b.rows, b.prompt_len if token == 0 else 1)
+            width = b.prompt_len if token == 0 else 1
+            if any(d.batch == batch for d in self._deferred):  # its input is still being computed
+                self._acts_wanted[batch] = (b.rows, width)
+            else:
+                self._acts.prefetch(batch, b.rows, width)
 
     def _hidden_in(self, b: BatchState, batch: int, token: int) -> torch.Tensor:
         if self._acts is None:
@@ -451,7 +473,17 @@ class Engine:
             else:
                 assert self._cache is not None
                 t = b.prompt_len + token - 1
-                attn = self._cache.decode(block_idx, batch, q[:, 0], k[:, 0], v[:, 0], b.valid[:, :t + 1], t)[:, None]
+                pending = self._cache.begin_decode(block_idx, batch, q[:, 0], k[:, 0], v[:, 0], b.valid[:, :t + 1],
+                                                   t, b.valid_host[:, :t + 1])
+                earlier, self._deferred = self._deferred, []
+                item = DeferredAttention(b, batch, x, w, pending, (token, layer))
+                if pending.on_host:  # finish it after the next GPU batch's attention has been issued
+                    self._deferred.append(item)
+                else:
+                    self._finish_attention(item)
+                for d in earlier:
+                    self._finish_attention(d)
+                return
             self._hidden_out(b, batch, layers.attention_output(w, x, attn, spec), (token, layer))
         elif kind == LayerKind.MLP:
             self._hidden_out(b, batch, layers.mlp(w, x, spec), (token, layer))
@@ -466,6 +498,21 @@ class Engine:
             b.finished |= (tokens[:, None] == b.stop_ids).any(dim=1)
         else:
             self._score_batch(w, x, b, batch)
+
+    def _finish_attention(self, item: DeferredAttention) -> None:
+        """Output projection of a decode attention step once its attention is complete."""
+        attn = item.pending.result()[:, None]  # (rows, 1, nh, d)
+        self._hidden_out(item.state, item.batch, layers.attention_output(item.weights, item.x, attn, self.spec),
+                         item.where)
+        wanted = self._acts_wanted.pop(item.batch, None)
+        if wanted is not None and self._acts is not None:  # its next input could not be requested before
+            self._acts.prefetch(item.batch, *wanted)
+
+    def _finish_deferred(self) -> None:
+        """Finish every deferred attention step (at a layer's last GPU batch: the next layer reads them)."""
+        deferred, self._deferred = self._deferred, []
+        for item in deferred:
+            self._finish_attention(item)
 
     def _score_batch(self, w: dict[str, torch.Tensor], x: torch.Tensor, b: BatchState, batch: int) -> None:
         targets = self._score_targets[batch]

@@ -23,6 +23,8 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,6 +119,36 @@ def _disk_rows(path: object, offset: int, dtype: torch.dtype, shape: tuple[int, 
     return torch.from_numpy(np.ascontiguousarray(picked)).view(dtype)
 
 
+@dataclass
+class HostAttention:
+    """A CPU-delegated segment's attention, running on the host-attention thread into a pinned `output`."""
+
+    key: tuple[int, Tier]  # (GPU batch, tier) of its buffers
+    output: torch.Tensor  # (rows, nh, d) host
+    ticket: Ticket  # completes when `output` is written
+
+
+class PendingAttention:
+    """Decode attention of one GPU batch: device segments already issued, delegated ones possibly still running."""
+
+    def __init__(self, parts: list[torch.Tensor | HostAttention], cache: KVCache) -> None:
+        self.parts, self.cache = parts, cache
+
+    @property
+    def on_host(self) -> bool:
+        return any(isinstance(p, HostAttention) for p in self.parts)
+
+    def result(self) -> torch.Tensor:
+        """(b, nh, d) on the device, segments in row order (waits for the host parts)."""
+        outs = []
+        for part in self.parts:
+            if isinstance(part, HostAttention):
+                outs.append(self.cache.collect(part))
+            else:
+                outs.append(part)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
 class KVCache:
     """K/V homes of every (transformer block, GPU batch) for one block of sequences (see module doc)."""
 
@@ -155,7 +187,16 @@ class KVCache:
         # (local transformer block, GPU batch): K/V that could not be quantized; set on the device without a
         # host sync and checked by `check_values` where the engine syncs anyway
         self.check_finite = False  # diagnostic: raise on inf/NaN in the K/V that decode attention reads
-        self.host_seconds = {"wait": 0.0, "compute": 0.0, "return": 0.0}  # delegated attention (CallStats)
+        # CPU-delegated attention: one host thread runs it in order (jobs of a (block, batch) stay ordered);
+        # per (GPU batch, tier) pinned buffers for q/k/v in and the result out; seconds go to CallStats
+        delegates = self.policy.cpu_attention and (split.cpu or split.disk)
+        self._host_worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-attention")
+                             if delegates else None)
+        self._host_jobs: list[Future] = []
+        self._host_buffers: dict[tuple[int, Tier], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._returned: dict[tuple[int, Tier], Ticket] = {}
+        self._in_flight: set[tuple[int, Tier]] = set()
+        self.host_seconds = {"inputs": 0.0, "compute": 0.0, "wait": 0.0}
         self._invalid = (torch.zeros(len(plan.blocks), self.policy.num_gpu_batches, dtype=torch.bool, device=device)
                          if self.policy.compress_cache else None)
 
@@ -312,34 +353,45 @@ class KVCache:
         self._prefetched[key] = (slot, Ticket.all(tickets), stores)
 
     def decode(self, block: int, batch: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-               valid: torch.Tensor, t: int) -> torch.Tensor:
+               valid: torch.Tensor, t: int, valid_host: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the token at position t. q, k_new, v_new: (b, nh, d); valid: (b, t+1) -> (b, nh, d)."""
+        return self.begin_decode(block, batch, q, k_new, v_new, valid, t, valid_host).result()
+
+    def begin_decode(self, block: int, batch: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     valid: torch.Tensor, t: int, valid_host: torch.Tensor | None = None) -> PendingAttention:
+        """Start `decode`: device segments are issued at once, CPU-delegated ones go to the host-attention
+        thread. `valid_host`: the same mask on the CPU (saves a device->host copy). The caller may issue the
+        next GPU batch's work before collecting the result, so the host attends while the device computes."""
         self.prefetch(block, batch, t)
         slot, ticket, stores = self._prefetched.pop((block, batch))
-        if self.policy.cpu_attention or self.policy.attn_topk < 1.0:
-            for st in stores:  # host-side readers need the earlier stores on the host
+        if self.policy.attn_topk < 1.0 and not self.policy.cpu_attention:
+            for st in stores:  # top-k reads the chosen V rows from the homes on the host
                 st.host_wait()
-        outs = []
+        parts: list[torch.Tensor | HostAttention] = []
         for tier, r0, r1 in self.segments(batch):
             layout = self._layout(r1 - r0)
             args = (q[r0:r1], k_new[r0:r1], v_new[r0:r1], valid[r0:r1], t, (block, batch))
             if tier == Tier.GPU:
                 raws = [self._home_raw(tier, block, batch, kv) for kv in (0, 1)]
-                outs.append(self._attend_device(layout, raws, *args, v_from=None))
+                parts.append(self._attend_device(layout, raws, *args, v_from=None))
             elif self._delegated(tier):
-                ticket.host_wait()
                 home = tier == Tier.CPU
                 raws = [self._home_raw(tier, block, batch, kv) if home else self.staging[slot][kv].buffer
                         for kv in (0, 1)]
-                outs.append(self._attend_host(layout, raws, *args, v_from=(tier, block, batch)))
+                mask = valid_host[r0:r1] if valid_host is not None else None
+                job = self._attend_host(layout, raws, *args, v_from=(tier, block, batch), tier=tier,
+                                        valid_host=mask, waits=[ticket, *stores])
+                if not home:  # the staging buffer is this job's workspace until it is done
+                    self._staging_free[slot] = Ticket.all([self._staging_free[slot], job.ticket])
+                parts.append(job)
             else:
                 ticket.wait()
                 raws = [self._slot_raw(slot, kv, tier) for kv in (0, 1)]
                 v_from = None if self.policy.attn_topk >= 1.0 else (tier, block, batch)
-                outs.append(self._attend_device(layout, raws, *args, v_from=v_from))
+                parts.append(self._attend_device(layout, raws, *args, v_from=v_from))
         self._slot_free[slot] = self.transfer.mark()
         self.store(block, batch, t, k_new[None], v_new[None], skip_in_place=True)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return PendingAttention(parts, self)
 
     def _write_position(self, layout: SegmentLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]], t: int,
                         place: tuple[int, int]) -> None:
@@ -377,26 +429,64 @@ class KVCache:
 
     def _attend_host(self, layout: SegmentLayout, raws: list[torch.Tensor], q: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, valid: torch.Tensor, t: int, place: tuple[int, int],
-                     v_from: tuple[Tier, int, int]) -> torch.Tensor:
-        """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace)."""
+                     v_from: tuple[Tier, int, int], tier: Tier, valid_host: torch.Tensor | None,
+                     waits: list[Ticket]) -> HostAttention:
+        """Attention on the CPU over host buffers (the CPU home in place, or a disk segment's workspace), run
+        by the host-attention thread after `waits`. q/k/v go to the host in one copy into a pinned buffer."""
+        rows = q.shape[0]
+        key = (place[1], tier)
+        if key in self._in_flight:
+            raise RuntimeError(f"GPU batch {place[1]}'s host attention was started again before its result was "
+                               "collected (PendingAttention.result)")
+        self._in_flight.add(key)
+        buffers = self._host_buffers.get(key)
+        if buffers is None or buffers[0].shape[1] != rows:
+            shape = (rows, *q.shape[1:])
+            pin = self.device.type == "cuda"
+            buffers = self._host_buffers[key] = (torch.empty((3, *shape), dtype=q.dtype, pin_memory=pin),
+                                                 torch.empty(shape, dtype=q.dtype, pin_memory=pin))
+        inputs, output = buffers
+        inputs.copy_(torch.stack((q, k_new, v_new)), non_blocking=True)  # one device->host copy
+        arrived = self.transfer.mark()
+        if valid_host is None:
+            valid_host = valid.to("cpu")
+        returned = self._returned.get(key, DONE)  # the last result's copy back to the device has read `output`
+
+        def attend() -> None:
+            start = time.perf_counter()
+            for ticket in (arrived, *waits, returned):
+                ticket.host_wait()
+            computing = time.perf_counter()
+            q_host, k_host, v_host = inputs.unbind(0)
+            self._write_position(layout, [(raws[0], k_host), (raws[1], v_host)], t, place)
+            host_dtype = torch.float32 if layout.packed else layout.dtype
+            keys = _dense(layout.view(raws[0], t + 1), host_dtype)
+            if self.policy.attn_topk >= 1.0:
+                values = _dense(layout.view(raws[1], t + 1), host_dtype)
+                out = layers.host_decode_attention(q_host, keys, values, valid_host, chunk=CPU_CHUNK)
+            else:
+                out = self._topk(q_host, keys, valid_host, t, lambda idx: self._gather_home(layout, *v_from, idx),
+                                 v_host)
+            output.copy_(out)
+            self.host_seconds["inputs"] += computing - start
+            self.host_seconds["compute"] += time.perf_counter() - computing
+
+        future = self._host_worker.submit(attend)
+        self._host_jobs.append(future)
+        return HostAttention(key, output, Ticket(future=future))
+
+    def collect(self, job: HostAttention) -> torch.Tensor:
+        """A host job's result on the device; its output buffer is free again once the copy has read it."""
         start = time.perf_counter()
-        q, k_new, v_new = torch.stack((q, k_new, v_new)).to("cpu")  # one device->host transfer
-        valid = valid.to("cpu")
-        computed = time.perf_counter()
-        self._write_position(layout, [(raws[0], k_new), (raws[1], v_new)], t, place)
-        host_dtype = torch.float32 if layout.packed else layout.dtype
-        keys = _dense(layout.view(raws[0], t + 1), host_dtype)
-        if self.policy.attn_topk >= 1.0:
-            values = _dense(layout.view(raws[1], t + 1), host_dtype)
-            out = layers.host_decode_attention(q, keys, values, valid, chunk=CPU_CHUNK)
-        else:
-            out = self._topk(q, keys, valid, t, lambda idx: self._gather_home(layout, *v_from, idx), v_new)
-        returned = time.perf_counter()
-        out = out.to(self.device, non_blocking=True)
-        seconds = self.host_seconds
-        seconds["wait"] += computed - start
-        seconds["compute"] += returned - computed
-        seconds["return"] += time.perf_counter() - returned
+        try:
+            job.ticket.host_wait()  # re-raises the job's error
+        finally:
+            self._in_flight.discard(job.key)
+        self.host_seconds["wait"] += time.perf_counter() - start
+        if self.device.type != "cuda":
+            return job.output.clone()
+        out = job.output.to(self.device, non_blocking=True)
+        self._returned[job.key] = self.transfer.mark()
         return out
 
     def _topk(self, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, t: int,
@@ -444,7 +534,11 @@ class KVCache:
         return dequantize_moved(x, self.dtype, out=out)
 
     def finish_block(self) -> None:
-        """Wait for every outstanding store of the block."""
+        """Wait for every outstanding store and host-attention job of the block."""
+        for job in self._host_jobs:
+            job.exception()  # waits; a failure was raised to the caller by `PendingAttention.result`
+        self._host_jobs.clear()
+        self._in_flight.clear()
         for tickets in self._stored.values():
             for t in tickets:
                 t.host_wait()
@@ -457,6 +551,8 @@ class KVCache:
 
     def close(self) -> None:
         self.finish_block()
+        if self._host_worker is not None:
+            self._host_worker.shutdown(wait=True)
         for home in self.homes.values():
             if isinstance(home, (HostArena, DiskArena)):
                 home.close()

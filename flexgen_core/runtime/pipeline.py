@@ -342,6 +342,8 @@ class PipelineEngine(Engine):
             if step.batch == 0:
                 w = self.weights.materialize(layer, step.weight_slot)
             self._compute(i, layer, offset + step.batch, flat, index, w, sampler, n_tokens)
+            if step.last_batch:
+                self._finish_deferred()
             if overlap and late_acts:
                 self._prefetch_inputs(flat, nxt[0], lo + nxt[1], offset + nxt[2], cache=False)  # type: ignore[index]
             if step.last_batch:

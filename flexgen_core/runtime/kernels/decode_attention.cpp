@@ -2,6 +2,7 @@
 // Built at first use by flexgen_core.runtime.kernels (torch.utils.cpp_extension); see that module.
 // q: (b, nh, d) any float dtype; k, v: (t, b, nh, d) float32/float16/bfloat16, contiguous within a position;
 // valid: (b, t) bool. Returns (b, nh, d) float32. Softmax and accumulation in float32.
+// The loop runs without the GIL, so the engine's host-attention thread leaves the main thread free to issue work.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -129,6 +130,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.stride(0) == b * nh * d, "positions must be contiguous");
   auto out = torch::empty({b, nh, d}, qf.options());
   const float sc = static_cast<float>(scale);
+  pybind11::gil_scoped_release no_gil;  // only raw pointers below: no Python objects are touched
   switch (k.scalar_type()) {
     case at::kFloat:
       attend(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), vm.data_ptr<bool>(), out.data_ptr<float>(), t, b, nh, d, sc);
