@@ -49,6 +49,17 @@ def _fused_dense(rows: int) -> bool:
     return DENSE_ATTENTION == "triton" or (DENSE_ATTENTION == "auto" and rows >= TRITON_DENSE_MIN_ROWS)
 
 
+def host_attention_threads(cuda: bool) -> int:
+    """CPU threads of delegated attention: FLEXGEN_HOST_ATTENTION_THREADS, else, next to a GPU, one fewer than
+    torch uses, which leaves a core to the thread that issues the device's work (the kernel splits its rows
+    evenly, so one thread sharing a core delays the whole call)."""
+    configured = os.environ.get("FLEXGEN_HOST_ATTENTION_THREADS")
+    if configured:
+        return max(1, int(configured))
+    threads = torch.get_num_threads()
+    return max(1, threads - 1) if cuda else threads
+
+
 CPU_CHUNK = 64  # positions per chunk of CPU attention over a low-precision cache (benchmarks/cpu_attention.py)
 
 
@@ -190,7 +201,9 @@ class KVCache:
         # CPU-delegated attention: one host thread runs it in order (jobs of a (block, batch) stay ordered);
         # per (GPU batch, tier) pinned buffers for q/k/v in and the result out; seconds go to CallStats
         delegates = self.policy.cpu_attention and (split.cpu or split.disk)
-        self._host_worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-attention")
+        self._host_worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-attention",
+                                                initializer=torch.set_num_threads,
+                                                initargs=(host_attention_threads(cuda),))
                              if delegates else None)
         self._host_jobs: list[Future] = []
         self._host_buffers: dict[tuple[int, Tier], tuple[torch.Tensor, torch.Tensor]] = {}
