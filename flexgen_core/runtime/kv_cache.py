@@ -33,7 +33,7 @@ from flexgen_core.plan import ALIGN, CACHE_QUANT, PIECE_ALIGN, Plan, align, kv_b
 from flexgen_core.policy import TIERS, Tier
 from flexgen_core.quant import PackedTensor, codes_shape, dequantize_moved, quantize, scales_shape
 from flexgen_core.runtime import layers
-from flexgen_core.runtime.kernels import attention_cuda
+from flexgen_core.runtime.kernels import attention_cuda, native_module
 from flexgen_core.runtime.memory import DeviceArena, DiskArena, HostArena, OffloadDir, typed
 from flexgen_core.runtime.transfer import DONE, Ticket, Transfer
 
@@ -201,6 +201,8 @@ class KVCache:
         # CPU-delegated attention: one host thread runs it in order (jobs of a (block, batch) stay ordered);
         # per (GPU batch, tier) pinned buffers for q/k/v in and the result out; seconds go to CallStats
         delegates = self.policy.cpu_attention and (split.cpu or split.disk)
+        if delegates:
+            native_module()  # build (or load) the CPU kernel now, not inside the first decode step
         self._host_worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-attention",
                                                 initializer=torch.set_num_threads,
                                                 initargs=(host_attention_threads(cuda),))
