@@ -134,11 +134,11 @@ SUITES: dict[str, list[str]] = {
     # host-attention threads (15 is the default next to a GPU on the 16-core box), huge pages for the host
     # arenas (PyTorch's THP_MEM_ALLOC_ENABLE), and the old code with huge pages
     "visit10d": [
-        f"env:FLEXGEN_HOST_ATTENTION_THREADS=15 {AB_32X3} --warmup 1",
-        f"env:FLEXGEN_HOST_ATTENTION_THREADS=16 {AB_32X3} --warmup 1",
-        f"env:THP_MEM_ALLOC_ENABLE=1 {AB_32X3} --warmup 1",
-        f"env:THP_MEM_ALLOC_ENABLE=1 env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3} --warmup 1",
-        f"env:FLEXGEN_HOST_ATTENTION_THREADS=12 {AB_32X3} --warmup 1",
+        f"env:FLEXGEN_HOST_ATTENTION_THREADS=15 {AB_32X3}",
+        f"env:FLEXGEN_HOST_ATTENTION_THREADS=16 {AB_32X3}",
+        f"env:THP_MEM_ALLOC_ENABLE=1 {AB_32X3}",
+        f"env:THP_MEM_ALLOC_ENABLE=1 env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}",
+        f"env:FLEXGEN_HOST_ATTENTION_THREADS=12 {AB_32X3}",
     ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
