@@ -140,6 +140,14 @@ SUITES: dict[str, list[str]] = {
         f"env:THP_MEM_ALLOC_ENABLE=1 env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}",
         f"env:FLEXGEN_HOST_ATTENTION_THREADS=12 {AB_32X3}",
     ],
+    # paired_decode (the next attention layer's first batch issued before this one's last host result), A/B
+    # against b59a36c's engine in ab_old/, then target 1's auto run
+    "visit10e": [
+        AB_32X3,
+        f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}",
+        AB_32X3,
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

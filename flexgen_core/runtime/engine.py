@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.profiler import record_function
 
 from flexgen_core.outputs import CallStats, Generation, Score
 from flexgen_core.plan import GIB, MemoryBudget, Plan, Workload, build_plan
@@ -28,7 +29,7 @@ from flexgen_core.runtime.block import BatchState, Sampler, make_batch, normaliz
 from flexgen_core.runtime.checkpoint import Checkpoint
 from flexgen_core.runtime.kv_cache import KVCache, PendingAttention
 from flexgen_core.runtime.memory import OffloadDir
-from flexgen_core.runtime.schedule import prologue, zigzag
+from flexgen_core.runtime.schedule import paired_decode, prologue, zigzag
 from flexgen_core.runtime.transfer import Transfer
 from flexgen_core.runtime.weights import WeightStore
 from flexgen_core.spec import LayerKind, ModelSpec
@@ -71,6 +72,7 @@ class DeferredAttention:
     batch: int
     x: torch.Tensor  # (rows, 1, h) the layer's input (residual)
     weights: dict[str, torch.Tensor]
+    slot: int  # the weight slot holding `weights`
     pending: PendingAttention
     where: tuple[int, int]  # (token, layer)
 
@@ -345,14 +347,16 @@ class Engine:
         self._deferred, self._acts_wanted = [], {}
         start = time.perf_counter()
         slots = self.plan.weight_slots
-        if overlap:
+        paired = self._paired_decode(len(batches), slots)
+        if overlap and not paired:  # paired_decode requests the first layers at its first step
             for layer, slot in prologue(n_tokens, num_layers, slots):
                 self.weights.prefetch(layer, slot)
-        w: dict[str, torch.Tensor] = {}
+        schedule = (paired_decode if paired else zigzag)(n_tokens, num_layers, len(batches), slots)
+        in_slot: dict[int, dict[str, torch.Tensor]] = {}  # slot -> materialized weights
         done_tokens = n_tokens
         timing = self.step_timing
         mark = time.perf_counter()
-        for step in zigzag(n_tokens, num_layers, len(batches), slots):
+        for step in schedule:
             # the next step's activations come from this step when it is the same GPU batch (one batch per
             # block): request them after this step's compute, not before
             late_acts = step.next_step is not None and step.next_step[2] == step.batch
@@ -361,13 +365,15 @@ class Engine:
                     self.weights.prefetch(layer, slot)
                 if step.next_step is not None:
                     self._prefetch_inputs(batches, *step.next_step, acts=not late_acts)
-            if step.batch == 0:
-                w = self.weights.materialize(step.layer, step.weight_slot)
+            if step.materialize:
+                in_slot[step.weight_slot] = self.weights.materialize(step.layer, step.weight_slot)
                 if self.check_finite:
-                    self._check_weights(step.layer, step.token, w)
-            self._compute(step.token, step.layer, step.batch, batches, index, w, sampler, n_tokens)
-            if step.last_batch:
-                self._finish_deferred()
+                    self._check_weights(step.layer, step.token, in_slot[step.weight_slot])
+            with record_function(f"flexgen::step t{step.token} L{step.layer} b{step.batch}"):
+                self._compute(step.token, step.layer, step.batch, batches, index, in_slot[step.weight_slot], sampler,
+                              n_tokens, slot=step.weight_slot)
+                for slot in step.release:  # deferred attention steps still need their layer's weights
+                    self._finish_deferred(slot)
             if overlap and late_acts:
                 self._prefetch_inputs(batches, *step.next_step, cache=False)  # type: ignore[misc]
             if timing:
@@ -377,20 +383,21 @@ class Engine:
                 kind = self.plan.layer(step.layer).spec.kind.value
                 phase[kind] = phase.get(kind, 0.0) + now - mark
                 mark = now
-            if step.last_batch:
-                self.weights.release(step.weight_slot)
-                if step.layer == num_layers - 1:
-                    if step.token == 0:
-                        self._sync()
-                        if self._cache is not None:
-                            self._cache.check_values("prefill")
-                        stats.prefill_s += time.perf_counter() - start
-                        start = time.perf_counter()
-                    else:
-                        stats.decode_steps += 1
-                    if any_stops and all(bool(b.finished.all()) for b in batches):
-                        done_tokens = step.token + 1
-                        break
+            for slot in step.release:
+                self.weights.release(slot)
+            if step.last_batch and step.layer == num_layers - 1:
+                if step.token == 0:
+                    self._sync()
+                    if self._cache is not None:
+                        self._cache.check_values("prefill")
+                    stats.prefill_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                else:
+                    stats.decode_steps += 1
+                if any_stops and all(bool(b.finished.all()) for b in batches):
+                    done_tokens = step.token + 1
+                    break
+        self._finish_deferred()  # after an early stop
         self._finish_block("decode")
         if n_tokens > 1:
             stats.decode_s += time.perf_counter() - start
@@ -399,6 +406,17 @@ class Engine:
                 stats.host_attention_s[part] = stats.host_attention_s.get(part, 0.0) + seconds
                 self._cache.host_seconds[part] = 0.0
         return done_tokens
+
+    def _paired_decode(self, num_batches: int, slots: int) -> bool:
+        """Whether decode runs `paired_decode`'s order: CPU-delegated attention with overlap, two or more GPU
+        batches, three weight slots and the [embed, (attention, MLP)..., head] layout."""
+        if not (self.policy.overlap and self._cache is not None and self._cache.delegates and num_batches >= 2
+                and slots >= 3):
+            return False
+        kinds = [lay.spec.kind for lay in self.plan.layers]
+        body = kinds[1:-1]
+        return (len(kinds) >= 4 and kinds[0] == LayerKind.EMBED and kinds[-1] == LayerKind.HEAD
+                and body == [LayerKind.ATTN, LayerKind.MLP] * (len(body) // 2))
 
     def _finish_block(self, phase: str) -> None:
         """After a block's last step: wait for its copies, check the compressed cache's deferred flag (`phase`
@@ -424,6 +442,9 @@ class Engine:
                 self._acts.prefetch(batch, b.rows, width)
 
     def _hidden_in(self, b: BatchState, batch: int, token: int) -> torch.Tensor:
+        for item in [d for d in self._deferred if d.batch == batch]:  # its input is a deferred step's output
+            self._deferred.remove(item)
+            self._finish_attention(item)
         if self._acts is None:
             assert b.hidden is not None
             return b.hidden
@@ -452,7 +473,8 @@ class Engine:
             b.hidden = None
 
     def _compute(self, token: int, layer: int, batch: int, batches: list[BatchState], index: list[list[int]],
-                 w: dict[str, torch.Tensor], sampler: Sampler | None, n_tokens: int) -> None:
+                 w: dict[str, torch.Tensor], sampler: Sampler | None, n_tokens: int, slot: int = -1) -> None:
+        """One step. `slot` holds `w` (a deferred attention step keeps it until it is finished)."""
         spec, b = self.spec, batches[batch]
         kind = self.plan.layer(layer).spec.kind
         if kind == LayerKind.EMBED:
@@ -476,7 +498,7 @@ class Engine:
                 pending = self._cache.begin_decode(block_idx, batch, q[:, 0], k[:, 0], v[:, 0], b.valid[:, :t + 1],
                                                    t, b.valid_host[:, :t + 1])
                 earlier, self._deferred = self._deferred, []
-                item = DeferredAttention(b, batch, x, w, pending, (token, layer))
+                item = DeferredAttention(b, batch, x, w, slot, pending, (token, layer))
                 if pending.on_host:  # finish it after the next GPU batch's attention has been issued
                     self._deferred.append(item)
                 else:
@@ -508,10 +530,12 @@ class Engine:
         if wanted is not None and self._acts is not None:  # its next input could not be requested before
             self._acts.prefetch(item.batch, *wanted)
 
-    def _finish_deferred(self) -> None:
-        """Finish every deferred attention step (at a layer's last GPU batch: the next layer reads them)."""
-        deferred, self._deferred = self._deferred, []
-        for item in deferred:
+    def _finish_deferred(self, slot: int | None = None) -> None:
+        """Finish the deferred attention steps whose weights are in `slot` (before it is released), or all."""
+        keep = [d for d in self._deferred if slot is not None and d.slot != slot]
+        done = [d for d in self._deferred if d not in keep]
+        self._deferred = keep
+        for item in done:
             self._finish_attention(item)
 
     def _score_batch(self, w: dict[str, torch.Tensor], x: torch.Tensor, b: BatchState, batch: int) -> None:

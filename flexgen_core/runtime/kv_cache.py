@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from flexgen_core.plan import ALIGN, CACHE_QUANT, PIECE_ALIGN, Plan, align, kv_bytes
 from flexgen_core.policy import TIERS, Tier
@@ -236,6 +237,11 @@ class KVCache:
         if self._invalid is None or x.device != self._invalid.device:
             return None
         return self._invalid[block - self.first_block, batch]
+
+    @property
+    def delegates(self) -> bool:
+        """Whether some of the cache is attended on the host (CPU delegation)."""
+        return self._host_worker is not None
 
     def segments(self, batch: int) -> list[tuple[Tier, int, int]]:
         return self._segments[batch]
@@ -469,20 +475,22 @@ class KVCache:
 
         def attend() -> None:
             start = time.perf_counter()
-            for ticket in (arrived, *waits, returned):
-                ticket.host_wait()
+            with record_function("flexgen::host_attention.inputs"):  # named ranges for --torch-profile
+                for ticket in (arrived, *waits, returned):
+                    ticket.host_wait()
             computing = time.perf_counter()
-            q_host, k_host, v_host = inputs.unbind(0)
-            self._write_position(layout, [(raws[0], k_host), (raws[1], v_host)], t, place)
-            host_dtype = torch.float32 if layout.packed else layout.dtype
-            keys = _dense(layout.view(raws[0], t + 1), host_dtype)
-            if self.policy.attn_topk >= 1.0:
-                values = _dense(layout.view(raws[1], t + 1), host_dtype)
-                out = layers.host_decode_attention(q_host, keys, values, valid_host, chunk=CPU_CHUNK)
-            else:
-                out = self._topk(q_host, keys, valid_host, t, lambda idx: self._gather_home(layout, *v_from, idx),
-                                 v_host)
-            output.copy_(out)
+            with record_function("flexgen::host_attention.compute"):
+                q_host, k_host, v_host = inputs.unbind(0)
+                self._write_position(layout, [(raws[0], k_host), (raws[1], v_host)], t, place)
+                host_dtype = torch.float32 if layout.packed else layout.dtype
+                keys = _dense(layout.view(raws[0], t + 1), host_dtype)
+                if self.policy.attn_topk >= 1.0:
+                    values = _dense(layout.view(raws[1], t + 1), host_dtype)
+                    out = layers.host_decode_attention(q_host, keys, values, valid_host, chunk=CPU_CHUNK)
+                else:
+                    out = self._topk(q_host, keys, valid_host, t,
+                                     lambda idx: self._gather_home(layout, *v_from, idx), v_host)
+                output.copy_(out)
             self.host_seconds["inputs"] += computing - start
             self.host_seconds["compute"] += time.perf_counter() - computing
 
@@ -494,7 +502,8 @@ class KVCache:
         """A host job's result on the device; its output buffer is free again once the copy has read it."""
         start = time.perf_counter()
         try:
-            job.ticket.host_wait()  # re-raises the job's error
+            with record_function("flexgen::host_attention.wait"):
+                job.ticket.host_wait()  # re-raises the job's error
         finally:
             self._in_flight.discard(job.key)
         self.host_seconds["wait"] += time.perf_counter() - start
