@@ -148,6 +148,11 @@ SUITES: dict[str, list[str]] = {
         AB_32X3,
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
     ],
+    # target 1 again with paired_decode: the auto policy, and visit 8a's 32x3 delegated policy at 32 new tokens
+    "visit10f": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        AB_32X3.replace("--gen-len 8", "--gen-len 32"),
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
