@@ -153,6 +153,13 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         AB_32X3.replace("--gen-len 8", "--gen-len 32"),
     ],
+    # the cost model with paired decode (host_memory_shared_gbps 72) prefers many small GPU batches: what auto
+    # picks on the box, and the 8x10 it picks with 105 GiB of host RAM
+    "visit10g": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 10 --weights 0.2176,0.7822,0 "
+        "--cache 0,1,0 --acts 0.375,0.625,0 --cpu-attention --profile {profile}",
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
