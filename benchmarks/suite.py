@@ -153,8 +153,9 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         AB_32X3.replace("--gen-len 8", "--gen-len 32"),
     ],
-    # the cost model with paired decode (host_memory_shared_gbps 72) prefers many small GPU batches: what auto
-    # picks on the box, and the 8x10 it picks with 105 GiB of host RAM
+    # a cost model with paired decode (host_memory_shared_gbps 72, code of 45fd317, reverted after this visit)
+    # preferred many small GPU batches: what auto picked on the box (3x33), and the 8x10 it picked with 105 GiB
+    # of host RAM (refused: the weight fractions sum to 0.9998)
     "visit10g": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 10 --weights 0.2176,0.7822,0 "

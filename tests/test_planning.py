@@ -137,31 +137,18 @@ def test_attention_steps_pay_their_own_host_overhead() -> None:
 
 
 def test_delegated_decode_shares_host_memory_with_the_weight_dma() -> None:
-    """CPU attention and the H2D of the weights both read host RAM: in series without a shared bandwidth,
-    their bytes over it with one; either way the delegated decode step is slower than their maximum. With two or
-    more GPU batches the engine pipelines each (attention, MLP) pair (`paired_decode`): the attention step
-    carries the pair's transfers and device work, which overlap the CPU attention, and the MLP step is free."""
+    """CPU attention and the H2D of the next weights both read host RAM: in series without a shared bandwidth,
+    their bytes over it with one; either way the delegated decode step is slower than their maximum."""
     spec = builtin_spec("opt-30b")
     policy = Policy(24, 4, weights=(0.2, 0.8, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
-    serial = estimate(spec, policy, W512, T4.with_(host_memory_shared_gbps=None)).breakdown["decode"]
-    attn = serial["attn"]
-    assert serial["mlp"]["step"] == 0.0
-    assert attn["step"] == pytest.approx(max(attn["cpu_attention"] + attn["h2d"], attn["device"], attn["overhead"]))
+    serial = estimate(spec, policy, W512, T4.with_(host_memory_shared_gbps=None)).breakdown["decode"]["attn"]
+    assert serial["step"] == pytest.approx(serial["cpu_attention"] + serial["h2d"] + serial["overhead"])
     bw = 20.0
     shared = estimate(spec, policy, W512, T4.with_(host_memory_shared_gbps=bw)).breakdown["decode"]["attn"]
     host_bytes = shared["cpu_attention"] * T4.cpu_attention_flops + shared["h2d"] * T4.h2d_bytes_per_s()
-    assert shared["step"] == pytest.approx(max(host_bytes / (bw * 1e9), shared["device"], shared["overhead"],
-                                               shared["cpu_attention"], shared["h2d"], shared["d2h"]))
+    assert shared["step"] == pytest.approx(max(host_bytes / (bw * 1e9) + shared["overhead"],
+                                               shared["device"] + shared["cpu_attention"] + shared["overhead"]))
     assert shared["step"] > max(shared["cpu_attention"], shared["h2d"])
-    # the pair's transfers: the attention step moves the MLP's weights, the MLP step the next attention's
-    streamed_mlp = estimate(spec, policy.with_(cpu_attention=False), W512, T4).breakdown["decode"]
-    assert shared["h2d"] > streamed_mlp["mlp"]["h2d"]
-    # one GPU batch: no pipeline, the host thread waits for the device and runs the attention in turn
-    one = policy.with_(gpu_batch_size=96, num_gpu_batches=1)
-    single = estimate(spec, one, W512, T4.with_(host_memory_shared_gbps=bw)).breakdown["decode"]["attn"]
-    host_bytes = single["cpu_attention"] * T4.cpu_attention_flops + single["h2d"] * T4.h2d_bytes_per_s()
-    assert single["step"] == pytest.approx(max(host_bytes / (bw * 1e9) + single["overhead"],
-                                               single["device"] + single["cpu_attention"] + single["overhead"]))
     # attention on the device does not touch host RAM from the CPU: no shared term
     streamed = estimate(spec, policy.with_(cpu_attention=False), W512, T4.with_(host_memory_shared_gbps=bw))
     attn = streamed.breakdown["decode"]["attn"]

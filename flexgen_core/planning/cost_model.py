@@ -56,18 +56,15 @@ class LayerTerms:
     overhead_s: float  # host-side step overhead, all batches
     serial_host: bool  # the host waits for the device inside a step (CPU device, or delegated attention)
     shared_host: Linear | None = None  # delegated attention on CUDA: CPU attention and the DMA share host RAM
-    pipelined: bool = False  # CPU attention on its own thread, overlapping the device and the issuing host
 
     def bounds(self, overlap: bool) -> list[Linear]:
         """Lower bounds on the step's time; the step time is their maximum."""
-        if self.pipelined:  # three workers run side by side: the device, the issuing thread, the attention thread
-            compute = [self.device, Linear(self.overhead_s), self.cpu]
-        elif self.serial_host:
+        if self.serial_host:
             compute = [self.device + self.cpu + self.overhead_s]
         else:  # device kernels run while the host issues the next ones
             compute = [self.device + self.cpu, self.cpu + self.overhead_s]
         if self.shared_host is not None:
-            compute.append(self.shared_host if self.pipelined else self.shared_host + self.overhead_s)
+            compute.append(self.shared_host + self.overhead_s)
         if not overlap:
             io = self.h2d + self.d2h + self.disk_read + self.disk_write
             return [c + io for c in compute]
@@ -153,35 +150,7 @@ class CostModel:
                 LayerKind.HEAD: LayerKind.EMBED}[kind]
 
     # ---- per-layer terms -------------------------------------------------------------------------
-    @property
-    def paired_decode(self) -> bool:
-        """Decode runs `runtime.schedule.paired_decode` (the engine's `_paired_decode`): CPU-delegated attention
-        with overlap and two or more GPU batches on CUDA. Each (attention, MLP) pair is then one pipeline
-        stage: the host thread's attention overlaps the pair's device work, issue overhead and transfers."""
-        p = self.policy
-        return self.cuda and p.cpu_attention and p.overlap and self.k >= 2
-
     def terms(self, phase: str, kind: LayerKind) -> LayerTerms:
-        """Terms of one `kind` step in `phase`, all GPU batches. With `paired_decode`, a decode attention step
-        carries its pair's MLP step too (measured OPT-30B 32x3 at 16 GiB: decode time = the host attention
-        thread's busy time, visits 10e/10f) and the MLP step is free."""
-        if phase == "decode" and self.paired_decode and kind in (LayerKind.ATTN, LayerKind.MLP):
-            if kind == LayerKind.MLP:
-                return LayerTerms(Linear(), Linear(), Linear(), Linear(), Linear(), Linear(), 0.0, False)
-            attn, mlp = self._terms(phase, LayerKind.ATTN), self._terms(phase, LayerKind.MLP)
-            h2d = attn.h2d + mlp.h2d
-            disk_read = attn.disk_read + mlp.disk_read
-            if self.profile.host_memory_shared_gbps:  # see `_terms`: the pair's transfers share host RAM
-                host_bytes = attn.cpu * self.profile.cpu_attention_flops + h2d * self.profile.h2d_bytes_per_s(True)
-                shared = host_bytes / (self.profile.host_memory_shared_gbps * 1e9) + disk_read
-            else:
-                shared = attn.cpu + h2d + disk_read
-            return LayerTerms(h2d, attn.d2h + mlp.d2h, disk_read, attn.disk_write + mlp.disk_write,
-                              attn.device + mlp.device, attn.cpu + disk_read, attn.overhead_s + mlp.overhead_s,
-                              serial_host=False, shared_host=shared, pipelined=True)
-        return self._terms(phase, kind)
-
-    def _terms(self, phase: str, kind: LayerKind) -> LayerTerms:
         p, prof, b, k, h = self.policy, self.profile, self.b, self.k, self.h
         prefill = phase == "prefill"
         width = self.workload.prompt_len if prefill else 1  # positions computed per sequence
