@@ -161,6 +161,13 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 8 --num-gpu-batches 10 --weights 0.2176,0.7822,0 "
         "--cache 0,1,0 --acts 0.375,0.625,0 --cpu-attention --profile {profile}",
     ],
+    # target 2 on this session's engine (hidden-state loads on their own stream; the schedule's release fields)
+    "visit10h": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 "
+        "--profile {profile}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
+        "--profile {profile}",
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],
