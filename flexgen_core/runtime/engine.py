@@ -64,7 +64,7 @@ def memory_budget(device: torch.device, offload: OffloadDir, gpu_mem_gib: float 
     return MemoryBudget(gpu, cpu, disk, host_bytes=host_free if device.type == "cpu" else None)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (its fields hold tensors)
 class DeferredAttention:
     """A decode attention step of one GPU batch waiting for its CPU-delegated part (see `Engine._compute`)."""
 
@@ -532,9 +532,8 @@ class Engine:
 
     def _finish_deferred(self, slot: int | None = None) -> None:
         """Finish the deferred attention steps whose weights are in `slot` (before it is released), or all."""
-        keep = [d for d in self._deferred if slot is not None and d.slot != slot]
-        done = [d for d in self._deferred if d not in keep]
-        self._deferred = keep
+        done = [d for d in self._deferred if slot is None or d.slot == slot]
+        self._deferred = [d for d in self._deferred if not (slot is None or d.slot == slot)]
         for item in done:
             self._finish_attention(item)
 

@@ -8,9 +8,10 @@ Decode attention runs per segment of sequences, where that segment's cache can b
 - GPU segment: in place on the device;
 - CPU/disk segment, not delegated: its prefix is prefetched into a device slot (two slots alternate,
   so the next GPU batch's cache loads while this one computes) and the new token is stored back;
-- CPU/disk segment, delegated (cpu_attention): q and the new K/V go to the host and the attention core
-  runs there, over the CPU home in place or over a per-slot workspace read from disk, so in-flight GPU
-  batches never share a workspace.
+- CPU/disk segment, delegated (cpu_attention): q and the new K/V go to the host (one copy into a pinned
+  buffer) and the attention core runs on the host-attention thread, over the CPU home in place or over a
+  per-slot workspace read from disk, so in-flight GPU batches never share a workspace. `begin_decode` returns
+  before that thread is done, so the engine can issue the next GPU batch meanwhile (`PendingAttention`).
 On CUDA, a 4-bit segment is attended in place by a Triton kernel that reads the codes (no dequantized copy),
 and the new token's K/V is quantized by one kernel straight into its position (`runtime/kernels`).
 With attn_topk < 1, K is read in full, the top fraction of past positions (plus the current one) is kept
@@ -53,7 +54,9 @@ def _fused_dense(rows: int) -> bool:
 def host_attention_threads(cuda: bool) -> int:
     """CPU threads of delegated attention: FLEXGEN_HOST_ATTENTION_THREADS, else, next to a GPU, one fewer than
     torch uses, which leaves a core to the thread that issues the device's work (the kernel splits its rows
-    evenly, so one thread sharing a core delays the whole call)."""
+    evenly, so one thread sharing a core delays the whole call: 16 threads on the 16-core H100 box decoded
+    15-25% slower than 15, visit 10d). Set on that thread, it also becomes torch's default for threads
+    started later."""
     configured = os.environ.get("FLEXGEN_HOST_ATTENTION_THREADS")
     if configured:
         return max(1, int(configured))
@@ -131,7 +134,7 @@ def _disk_rows(path: object, offset: int, dtype: torch.dtype, shape: tuple[int, 
     return torch.from_numpy(np.ascontiguousarray(picked)).view(dtype)
 
 
-@dataclass
+@dataclass(eq=False)
 class HostAttention:
     """A CPU-delegated segment's attention, running on the host-attention thread into a pinned `output`."""
 
@@ -475,25 +478,24 @@ class KVCache:
 
         def attend() -> None:
             start = time.perf_counter()
-            with record_function("flexgen::host_attention.inputs"):  # named ranges for --torch-profile
-                for ticket in (arrived, *waits, returned):
-                    ticket.host_wait()
+            for ticket in (arrived, *waits, returned):
+                ticket.host_wait()
             computing = time.perf_counter()
-            with record_function("flexgen::host_attention.compute"):
-                q_host, k_host, v_host = inputs.unbind(0)
-                self._write_position(layout, [(raws[0], k_host), (raws[1], v_host)], t, place)
-                host_dtype = torch.float32 if layout.packed else layout.dtype
-                keys = _dense(layout.view(raws[0], t + 1), host_dtype)
-                if self.policy.attn_topk >= 1.0:
-                    values = _dense(layout.view(raws[1], t + 1), host_dtype)
-                    out = layers.host_decode_attention(q_host, keys, values, valid_host, chunk=CPU_CHUNK)
-                else:
-                    out = self._topk(q_host, keys, valid_host, t,
-                                     lambda idx: self._gather_home(layout, *v_from, idx), v_host)
-                output.copy_(out)
+            q_host, k_host, v_host = inputs.unbind(0)
+            self._write_position(layout, [(raws[0], k_host), (raws[1], v_host)], t, place)
+            host_dtype = torch.float32 if layout.packed else layout.dtype
+            keys = _dense(layout.view(raws[0], t + 1), host_dtype)
+            if self.policy.attn_topk >= 1.0:
+                values = _dense(layout.view(raws[1], t + 1), host_dtype)
+                out = layers.host_decode_attention(q_host, keys, values, valid_host, chunk=CPU_CHUNK)
+            else:
+                out = self._topk(q_host, keys, valid_host, t, lambda idx: self._gather_home(layout, *v_from, idx),
+                                 v_host)
+            output.copy_(out)
             self.host_seconds["inputs"] += computing - start
             self.host_seconds["compute"] += time.perf_counter() - computing
 
+        assert self._host_worker is not None
         future = self._host_worker.submit(attend)
         self._host_jobs.append(future)
         return HostAttention(key, output, Ticket(future=future))
@@ -502,7 +504,7 @@ class KVCache:
         """A host job's result on the device; its output buffer is free again once the copy has read it."""
         start = time.perf_counter()
         try:
-            with record_function("flexgen::host_attention.wait"):
+            with record_function("flexgen::host_attention.wait"):  # --torch-profile sees the main thread only
                 job.ticket.host_wait()  # re-raises the job's error
         finally:
             self._in_flight.discard(job.key)

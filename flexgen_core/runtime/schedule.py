@@ -6,7 +6,8 @@ Weights stream through `slots` device slots used round robin; at a layer's first
 for the next `slots - 1` layers' weights (each into its own slot, issued as soon as that slot's previous
 layer is done), so with three slots the weights two layers ahead load while a long layer step (CPU-delegated
 attention, a blocking disk read) runs. Each step also names the next step, whose inputs (KV cache prefix,
-activations) load while it computes. All index wrap-around lives here.
+activations) load while it computes. With CPU-delegated attention, `paired_decode` reorders decode so the
+host's attention thread never waits at a layer boundary. All index wrap-around lives here.
 """
 
 from __future__ import annotations
