@@ -76,10 +76,10 @@ def test_native_cpu_attention_releases_the_gil() -> None:
 
     if native_module() is None:
         pytest.skip("no C++ toolchain: the engine uses the torch path (torch ops release the GIL)")
-    t, b, nh, d = 4096, 8, 16, 64
-    k = torch.randn(t, b, nh, d)
-    v = torch.randn(t, b, nh, d)
-    q = torch.randn(b, nh, d)
+    t, b, nh, d = 8192, 8, 16, 64  # a call of a few tens of ms: OS jitter on a busy runner stays well below half
+    k = torch.randn(t, b, nh, d, dtype=torch.float16)
+    v = torch.randn(t, b, nh, d, dtype=torch.float16)
+    q = torch.randn(b, nh, d, dtype=torch.float16)
     valid = torch.ones(b, t, dtype=torch.bool)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # leave a core to the main thread
