@@ -76,6 +76,14 @@ def test_probe_measures_this_machine(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # the probe's offload files are gone
 
 
+def test_probe_times_the_delegated_pipeline_per_gpu_batch(tmp_path: Path) -> None:
+    from flexgen_core.planning.probe import measure_delegated_batch_costs
+
+    costs = measure_delegated_batch_costs("cpu", tmp_path)
+    assert costs["issue"] > 0 and costs["job"] > 0
+    assert costs["job"] < costs["issue"] * 16  # per job, not summed over the 16 GPU batches
+
+
 # ---- cost model ------------------------------------------------------------------------------------
 
 PAPER = {  # FlexGen paper, Table 2 and bench_suite.py: (model, policy, measured tokens/s on the T4 box)

@@ -10,13 +10,15 @@ so the whole probe takes well under two minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -186,8 +188,9 @@ class _Prober:
             gains.append(sum(disk[k] - ram[k] for k in ("attn", "mlp")) / 2)
         return max(0.0, statistics.median(gains))
 
-    def _tiny_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
-        """Microseconds per step of each layer kind of a tiny model, in `phase` ("decode" or "prefill")."""
+    @contextlib.contextmanager
+    def _tiny_engine(self, policy: Policy) -> Iterator[Any]:
+        """An engine over a tiny dummy model (4 blocks, hidden 64), where every step's compute is negligible."""
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
         from flexgen_core.runtime.memory import OffloadDir
@@ -198,8 +201,14 @@ class _Prober:
         ckpt = Checkpoint("probe-tiny", spec, None, (), "probe")
         offload = OffloadDir(self.offload_dir)
         budget = memory_budget(self.device, offload, None, None)
-        batches = policy.num_gpu_batches
         with Engine(ckpt, policy, self.device, self.dtype, offload, budget, dummy=True) as engine:
+            yield engine
+
+    def _tiny_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
+        """Microseconds per step of each layer kind of a tiny model, in `phase` ("decode" or "prefill")."""
+        batches = policy.num_gpu_batches
+        with self._tiny_engine(policy) as engine:
+            spec = engine.spec
             prompts = [[5, 6, 7, 8]] * policy.block_size
             engine.generate(prompts, 4)  # warm-up
             engine.step_timing = True
@@ -218,6 +227,24 @@ class _Prober:
         result["other"] = sum(result[k] * counts[k] for k in others) / sum(counts[k] for k in others)
         return result
 
+    def delegated_batch_costs_us(self, batches: int = 16) -> dict[str, float]:
+        """Host microseconds per GPU batch of CPU-delegated decode as the engine pipelines it (`paired_decode`),
+        on the tiny model with one sequence per GPU batch and weights, cache and activations in host RAM:
+        "issue" is the issuing thread's time per GPU batch and (attention, MLP) pair (decode time over tokens,
+        pairs and batches; the embed and head steps included), "job" the attention thread's busy time per job
+        (its kernel is negligible here). Not in the cost model yet: on the H100 the issuing thread took about
+        1.1 ms per layer step and GPU batch in an offloaded OPT-30B run, against 0.17-0.52 ms probed all-resident
+        with a sync per step (benchmarks/NOTES.md, visit 10)."""
+        policy = Policy(1, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
+        with self._tiny_engine(policy) as engine:
+            prompts = [[5, 6, 7, 8]] * policy.block_size
+            engine.generate(prompts, 4)  # warm-up
+            engine.generate(prompts, 16)
+            stats, layers = engine.last_stats, engine.spec.num_layers
+        tokens = stats.decode_steps
+        return {"issue": stats.decode_s / (tokens * layers * batches) * 1e6,
+                "job": stats.host_attention_s.get("compute", 0.0) / (tokens * layers * batches) * 1e6}
+
     def step_overhead_us(self) -> float:
         """The profile's `step_overhead_us`: the mean host cost of a step of a layer other than attention."""
         return self.step_overheads_us()["other"]
@@ -229,6 +256,11 @@ class _Prober:
 def measure_step_overheads(device: str | torch.device, offload_dir: str | Path) -> dict[str, float]:
     """Only the step overheads of `measure` (see `_Prober.step_overheads_us`), in microseconds."""
     return _Prober(torch.device(device), Path(offload_dir), quick=False).step_overheads_us()
+
+
+def measure_delegated_batch_costs(device: str | torch.device, offload_dir: str | Path) -> dict[str, float]:
+    """`_Prober.delegated_batch_costs_us` (diagnostic, not a profile field yet)."""
+    return _Prober(torch.device(device), Path(offload_dir), quick=False).delegated_batch_costs_us()
 
 
 def measure_disk_acts_step(device: str | torch.device, offload_dir: str | Path) -> float:
