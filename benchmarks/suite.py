@@ -32,6 +32,12 @@ AB_32X3 = (f"--model opt-30b --dummy --prompt-len 512 --gen-len 8 {T4_LIKE} --gp
            "--weights 0.1906,0.8094,0 --cache 0,1,0 --acts 0.34375,0.65625,0 --cpu-attention --profile {profile}")
 BISECT_32X2 = ("--cpu-mem-gib 80 --gpu-batch-size 32 --num-gpu-batches 2 --weights 0.0052,0.9948,0 "
                "--cache 0.15625,0.84375,0 --acts 0,1,0")
+# issue 7 target 2 (4-bit, 16 GiB): visit 6's policy by hand, and auto with 80 GiB of host RAM
+TARGET2 = [
+    f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 --profile {{profile}}",
+    f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
+    "--profile {profile}",
+]
 SUITES: dict[str, list[str]] = {
     "visit6": [  # 4-bit with a host budget that leaves the 126 GiB box room (111 GiB chosen without one)
         f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
@@ -95,12 +101,7 @@ SUITES: dict[str, list[str]] = {
     # OPT-30B's best hand policy
     # issue 7 with the fused 4-bit quantize and decode-attention kernels: target 2 (the visit 6 policy and auto)
     # and target 3 (whole GPU: fp16 with either attention kernel, and a 4-bit cache)
-    "visit9a": [
-        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 "
-        "--profile {profile}",
-        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
-        "--profile {profile}",
-    ],
+    "visit9a": TARGET2,
     "visit9b": [
         f"--model opt-30b --dummy {W} --policy auto --compress-cache --profile {{profile}}",
         f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 --weights 1,0,0 --cache 1,0,0 "
@@ -162,12 +163,7 @@ SUITES: dict[str, list[str]] = {
         "--cache 0,1,0 --acts 0.375,0.625,0 --cpu-attention --profile {profile}",
     ],
     # target 2 on this session's engine (hidden-state loads on their own stream; the schedule's release fields)
-    "visit10h": [
-        f"--model opt-30b --dummy {W} {T4_LIKE} {CW_64X4} --cache 0.15625,0.84375,0 --acts 0,1,0 "
-        "--profile {profile}",
-        f"--model opt-30b --dummy {W} {T4_LIKE} --cpu-mem-gib 80 --policy auto --compress-weights --compress-cache "
-        "--profile {profile}",
-    ],
+    "visit10h": TARGET2,
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

@@ -473,7 +473,7 @@ class Engine:
             b.hidden = None
 
     def _compute(self, token: int, layer: int, batch: int, batches: list[BatchState], index: list[list[int]],
-                 w: dict[str, torch.Tensor], sampler: Sampler | None, n_tokens: int, slot: int = -1) -> None:
+                 w: dict[str, torch.Tensor], sampler: Sampler | None, n_tokens: int, slot: int) -> None:
         """One step. `slot` holds `w` (a deferred attention step keeps it until it is finished)."""
         spec, b = self.spec, batches[batch]
         kind = self.plan.layer(layer).spec.kind

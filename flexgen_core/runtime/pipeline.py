@@ -329,7 +329,7 @@ class PipelineEngine(Engine):
         """The zig-zag schedule of this stage's layers over micro-batch `mb` for token i."""
         assert self.weights is not None
         lo, overlap = self.plan.layer_start, self.policy.overlap
-        w: dict[str, torch.Tensor] = {}
+        in_slot: dict[int, dict[str, torch.Tensor]] = {}  # slot -> materialized weights
         for step in stage_round(i, round_index, len(self.plan.layers), len(mb), self.plan.weight_slots):
             layer = lo + step.layer
             nxt = step.next_step
@@ -339,15 +339,16 @@ class PipelineEngine(Engine):
                     self.weights.prefetch(lo + ahead, slot)
                 if nxt is not None:
                     self._prefetch_inputs(flat, nxt[0], lo + nxt[1], offset + nxt[2], acts=not late_acts)
-            if step.batch == 0:
-                w = self.weights.materialize(layer, step.weight_slot)
-            self._compute(i, layer, offset + step.batch, flat, index, w, sampler, n_tokens)
-            if step.last_batch:
-                self._finish_deferred()
+            if step.materialize:
+                in_slot[step.weight_slot] = self.weights.materialize(layer, step.weight_slot)
+            self._compute(i, layer, offset + step.batch, flat, index, in_slot[step.weight_slot], sampler, n_tokens,
+                          slot=step.weight_slot)
+            for slot in step.release:  # deferred attention steps still need their layer's weights
+                self._finish_deferred(slot)
             if overlap and late_acts:
                 self._prefetch_inputs(flat, nxt[0], lo + nxt[1], offset + nxt[2], cache=False)  # type: ignore[index]
-            if step.last_batch:
-                self.weights.release(step.weight_slot)
+            for slot in step.release:
+                self.weights.release(slot)
 
     def _share_tokens(self, micro: list[list[BatchState]], steps: list[int], stats: CallStats) -> list[int]:
         """Broadcast the last stage's tokens, log-probs, steps and timings; every rank gets the same results."""

@@ -92,6 +92,7 @@ class Transfer:
             self.load_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
             self.store_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
             self.input_stream = torch.cuda.Stream(device) if overlap else torch.cuda.current_stream(device)
+            self._streams = {"load": self.load_stream, "store": self.store_stream, "input": self.input_stream}
 
     # ---- compute-stream marks ---------------------------------------------------------------
     def mark(self) -> Ticket:
@@ -110,7 +111,7 @@ class Transfer:
         if not pairs:
             return Ticket.all(after)
         if self.cuda:
-            stream = {"load": self.load_stream, "store": self.store_stream, "input": self.input_stream}[lane]
+            stream = self._streams[lane]
             for t in after:
                 t.stream_wait(stream)
             with torch.cuda.stream(stream):
