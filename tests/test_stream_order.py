@@ -151,3 +151,33 @@ def test_delegated_attention_runs_on_its_thread_while_the_next_batch_starts(tiny
     first_layer = log[:7]  # the first decode token's first attention layer (3 GPU batches), then the next one
     assert first_layer == [("begin", 0), ("begin", 1), ("collect", 0), ("begin", 2), ("collect", 1),
                            ("begin", 0), ("collect", 2)]
+
+
+def test_step_ranges_are_named_only_under_a_profiler(tiny_opt: Path, offload_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--torch-profile` traces name every schedule step and the wait for host attention; without a profiler
+    the engine opens no range (each costs about 5 us of host time per step, which small-batch decode pays)."""
+    from torch.profiler import profile
+
+    from flexgen_core.runtime import engine as engine_module
+    from flexgen_core.runtime import kv_cache as kv_cache_module
+
+    opened: list[str] = []
+    real_range = engine_module.record_function
+
+    def tracked(name: str) -> Any:
+        opened.append(name)
+        return real_range(name)
+
+    monkeypatch.setattr(engine_module, "record_function", tracked)
+    monkeypatch.setattr(kv_cache_module, "record_function", tracked)
+    policy = Policy(2, 2, cache=(0, 1, 0), cpu_attention=True)
+    with Engine.from_pretrained(tiny_opt, policy=policy, device="cpu", offload_dir=offload_dir) as engine:
+        engine.generate([[2, 5, 6, 7, 8]] * 4, 3)
+        assert opened == []
+        with profile() as prof:
+            engine.generate([[2, 5, 6, 7, 8]] * 4, 3)
+    names = {event.name for event in prof.events()}
+    assert any(name.startswith("flexgen::step t1 ") for name in names)
+    assert "flexgen::host_attention.wait" in names
+    assert opened

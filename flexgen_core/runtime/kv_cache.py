@@ -504,8 +504,11 @@ class KVCache:
         """A host job's result on the device; its output buffer is free again once the copy has read it."""
         start = time.perf_counter()
         try:
-            with record_function("flexgen::host_attention.wait"):  # --torch-profile sees the main thread only
-                job.ticket.host_wait()  # re-raises the job's error
+            if torch.autograd.profiler._is_profiler_enabled:  # --torch-profile sees the main thread only
+                with record_function("flexgen::host_attention.wait"):
+                    job.ticket.host_wait()  # re-raises the job's error
+            else:
+                job.ticket.host_wait()
         finally:
             self._in_flight.discard(job.key)
         self.host_seconds["wait"] += time.perf_counter() - start
