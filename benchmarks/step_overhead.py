@@ -5,8 +5,8 @@
 Prints the per-kind decode step times and writes `--base` with `step_overhead_us` (mean of the non-attention
 kinds), `attn_step_overhead_us` and `disk_acts_step_us` (what activations on disk add to a step, measured in
 the system temp directory, where the engine's offload files go by default) replaced: the rest of a full
-`flexgen profile` is left as it was. It also prints, and notes, the per-GPU-batch host costs of CPU-delegated
-decode (`_Prober.delegated_batch_costs_us`), which the cost model does not use yet.
+`flexgen profile` is left as it was. On CUDA it also replaces `delegated_issue_us` and `delegated_job_us`, the
+per-GPU-batch host costs of CPU-delegated decode (`_Prober.delegated_batch_costs_us`).
 """
 
 from __future__ import annotations
@@ -35,23 +35,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flexgen-overhead-") as tmp:
         runs = [measure_step_overheads(device, tmp) for _ in range(args.repeats)]
         disk_acts = measure_disk_acts_step(device, tmp)
-        delegated = measure_delegated_batch_costs(device, tmp)
+        delegated = measure_delegated_batch_costs(device, tmp) if device.type == "cuda" else None
     median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     for r in runs:
         print("  ".join(f"{k} {v:8.1f} us" for k, v in r.items()))
-    print(f"delegated decode, per GPU batch: issuing thread {delegated['issue']:.1f} us per (attention, MLP) pair, "
-          f"attention thread {delegated['job']:.1f} us per job (not a profile field yet)")
     notes = (f"{base.notes} | step overheads re-measured per layer kind by benchmarks/step_overhead.py on "
              f"{time.strftime('%Y-%m-%d')} (median of {args.repeats}): " +
-             ", ".join(f"{k} {v:.1f} us" for k, v in median.items()) + f"; disk_acts_step_us {disk_acts:.1f}; "
-             f"delegated decode per GPU batch (not used yet): issue {delegated['issue']:.1f} us per pair, "
-             f"attention job {delegated['job']:.1f} us")
-    out = base.with_(step_overhead_us=round(median["other"], 3), attn_step_overhead_us=round(median["attn"], 3),
-                     disk_acts_step_us=round(disk_acts, 3), notes=notes)
+             ", ".join(f"{k} {v:.1f} us" for k, v in median.items()) + f"; disk_acts_step_us {disk_acts:.1f}")
+    changes = {"step_overhead_us": round(median["other"], 3), "attn_step_overhead_us": round(median["attn"], 3),
+               "disk_acts_step_us": round(disk_acts, 3)}
+    if delegated is not None:
+        print(f"delegated decode, per GPU batch: issuing thread {delegated['issue']:.1f} us per (attention, MLP) "
+              f"pair, attention thread {delegated['job']:.1f} us per job")
+        notes += f"; delegated_issue_us {delegated['issue']:.1f}, delegated_job_us {delegated['job']:.1f}"
+        changes.update(delegated_issue_us=round(delegated["issue"], 3), delegated_job_us=round(delegated["job"], 3))
+    out = base.with_(notes=notes, **changes)
     out.save(args.out)
-    print(f"wrote {args.out}: step_overhead_us {out.step_overhead_us}, attn_step_overhead_us "
-          f"{out.attn_step_overhead_us}, disk_acts_step_us {out.disk_acts_step_us} (was {base.step_overhead_us}, "
-          f"{base.attn_step_overhead_us}, {base.disk_acts_step_us})")
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {getattr(out, k)} (was {getattr(base, k)})" for k in changes))
 
 
 if __name__ == "__main__":

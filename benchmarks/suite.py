@@ -164,6 +164,15 @@ SUITES: dict[str, list[str]] = {
     ],
     # target 2 on this session's engine (hidden-state loads on their own stream; the schedule's release fields)
     "visit10h": TARGET2,
+    # the paired-decode cost model with the probed per-GPU-batch host costs (delegated_issue_us/_job_us): target 1's
+    # auto run, the LP's 24x4 beside it, and OPT-6.7B 64x2 delegated (180.7 tok/s on the serial engine, visit 7)
+    "visit11a": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 24 --num-gpu-batches 4 --weights 0.1996,0.8004,0 "
+        "--cache 0,1,0 --acts 0.333333,0.666667,0 --cpu-attention --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 64 --num-gpu-batches 2 --weights 0.5,0.5,0 "
+        "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

@@ -56,15 +56,21 @@ class LayerTerms:
     overhead_s: float  # host-side step overhead, all batches
     serial_host: bool  # the host waits for the device inside a step (CPU device, or delegated attention)
     shared_host: Linear | None = None  # delegated attention on CUDA: CPU attention and the DMA share host RAM
+    # paired decode: the device, the issuing thread (`overhead_s`) and the attention thread (`cpu` plus
+    # `thread_overhead_s`) work side by side
+    pipelined: bool = False
+    thread_overhead_s: float = 0.0  # the attention thread's host cost beyond its kernels, all batches
 
     def bounds(self, overlap: bool) -> list[Linear]:
         """Lower bounds on the step's time; the step time is their maximum."""
-        if self.serial_host:
+        if self.pipelined:
+            compute = [self.device, Linear(self.overhead_s), self.cpu + self.thread_overhead_s]
+        elif self.serial_host:
             compute = [self.device + self.cpu + self.overhead_s]
         else:  # device kernels run while the host issues the next ones
             compute = [self.device + self.cpu, self.cpu + self.overhead_s]
         if self.shared_host is not None:
-            compute.append(self.shared_host + self.overhead_s)
+            compute.append(self.shared_host if self.pipelined else self.shared_host + self.overhead_s)
         if not overlap:
             io = self.h2d + self.d2h + self.disk_read + self.disk_write
             return [c + io for c in compute]
@@ -78,8 +84,13 @@ class CostModel:
     """Terms of one policy shape (batch sizes and flags; the placement fractions are the variables)."""
 
     def __init__(self, spec: ModelSpec, policy: Policy, workload: Workload, profile: HardwareProfile,
-                 dtype_bytes: int | None = None, cache_segments: int = 1, acts_on_disk: bool = False) -> None:
+                 dtype_bytes: int | None = None, cache_segments: int = 1, acts_on_disk: bool = False,
+                 cache_off_device: bool = True) -> None:
         self.spec, self.policy, self.workload, self.profile = spec, policy, workload, profile
+        # some sequences' cache is off the device, so CPU-delegated attention has work (with all of it on the
+        # device the engine runs no host attention and no paired decode). The LP requires it of the placement
+        # whenever it models paired decode (`policy_search`); `estimate` passes the plan's answer
+        self.cache_off_device = cache_off_device
         # tiers a GPU batch's cache is split over: decode attention runs once per segment, and each segment costs
         # the host about one attention step's overhead again (OPT-6.7B 12x1 with a third of the cache streamed
         # decoded at 49 ms per token against 26 ms for 8x1 all on the GPU: 0.73 ms more per attention step, with
@@ -150,7 +161,47 @@ class CostModel:
                 LayerKind.HEAD: LayerKind.EMBED}[kind]
 
     # ---- per-layer terms -------------------------------------------------------------------------
+    @property
+    def paired_decode(self) -> bool:
+        """Decode runs `runtime.schedule.paired_decode` (the engine's `_paired_decode`: CPU-delegated attention
+        with overlap and two or more GPU batches on CUDA) and the profile has its per-batch host costs. Each
+        (attention, MLP) pair is then one pipeline stage: the attention thread's work overlaps the pair's device
+        work, its issue on the main thread and its transfers. Without those costs the serial model stays: it
+        under-predicts the pipeline by about 10%, but a pipeline model without them let the search split the
+        block into 33 GPU batches of 3, measured at 23.8 tok/s against 56.7 predicted (benchmarks/NOTES.md)."""
+        p, prof = self.policy, self.profile
+        return (self.cuda and p.cpu_attention and p.overlap and self.k >= 2 and self.cache_off_device
+                and prof.delegated_issue_us is not None and prof.delegated_job_us is not None)
+
     def terms(self, phase: str, kind: LayerKind) -> LayerTerms:
+        """Terms of one `kind` step in `phase`, all GPU batches. With `paired_decode`, a decode attention step
+        carries its pair's MLP step (measured: decode time is the busiest worker's, visits 10e/10f) and the MLP
+        step costs nothing of its own."""
+        if phase == "decode" and self.paired_decode and kind in (LayerKind.ATTN, LayerKind.MLP):
+            if kind == LayerKind.MLP:
+                return LayerTerms(Linear(), Linear(), Linear(), Linear(), Linear(), Linear(), 0.0, False)
+            return self._paired_terms(self._terms(phase, LayerKind.ATTN), self._terms(phase, LayerKind.MLP))
+        return self._terms(phase, kind)
+
+    def _paired_terms(self, attn: LayerTerms, mlp: LayerTerms) -> LayerTerms:
+        """One (attention, MLP) pair of paired decode, all GPU batches: each worker's busy time bounds it."""
+        prof, k = self.profile, self.k
+        h2d = attn.h2d + mlp.h2d
+        disk_read = attn.disk_read + mlp.disk_read
+        if prof.host_memory_shared_gbps:  # see `_terms`: the pair's transfers share host RAM with the attention
+            host_bytes = attn.cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
+            shared = host_bytes / (prof.host_memory_shared_gbps * 1e9) + disk_read
+        else:
+            shared = attn.cpu + h2d + disk_read
+        assert prof.delegated_issue_us is not None and prof.delegated_job_us is not None
+        issue = k * prof.delegated_issue_us * 1e-6 * self.cache_segments
+        job = k * prof.delegated_job_us * 1e-6
+        # disk reads are waited for on the attention thread's side of the pair (see `_terms`)
+        return LayerTerms(h2d, attn.d2h + mlp.d2h, disk_read, attn.disk_write + mlp.disk_write,
+                          attn.device + mlp.device, attn.cpu + disk_read, issue, serial_host=False,
+                          shared_host=shared, pipelined=True, thread_overhead_s=job)
+
+    def _terms(self, phase: str, kind: LayerKind) -> LayerTerms:
         p, prof, b, k, h = self.policy, self.profile, self.b, self.k, self.h
         prefill = phase == "prefill"
         width = self.workload.prompt_len if prefill else 1  # positions computed per sequence
@@ -387,12 +438,13 @@ def phase_times(model: CostModel, point: dict[str, float], with_overhead: bool =
         for kind in KINDS:
             terms = model.terms(phase, kind)
             if not with_overhead:
-                terms = replace(terms, overhead_s=0.0)
+                terms = replace(terms, overhead_s=0.0, thread_overhead_s=0.0)
             step = max(b.value(point) for b in terms.bounds(overlap))
             per_kind[kind.value] = {
                 "h2d": terms.h2d.value(point), "d2h": terms.d2h.value(point),
                 "disk_read": terms.disk_read.value(point), "disk_write": terms.disk_write.value(point),
-                "device": terms.device.value(point), "cpu_attention": terms.cpu.value(point),
+                "device": terms.device.value(point),
+                "cpu_attention": terms.cpu.value(point) + terms.thread_overhead_s,  # the attention thread's time
                 "overhead": terms.overhead_s, "step": step,
             }
             phase_s += step * model.layer_counts[kind]
@@ -407,7 +459,8 @@ def estimate(spec: ModelSpec, policy: Policy, workload: Workload, profile: Hardw
     db = dtype_bytes or profile.default_dtype_bytes
     plan = build_plan(spec, policy, workload, db, profile.device_type)
     model = CostModel(spec, policy, workload, profile, db, cache_segments=len(plan.cache_split.segments()),
-                      acts_on_disk=plan.act_split.disk > 0)
+                      acts_on_disk=plan.act_split.disk > 0,
+                      cache_off_device=plan.cache_split.count(Tier.GPU) < policy.gpu_batch_size)
     point = realized_point(plan)
     prefill_s, decode_s, breakdown = phase_times(model, point)
     bound_pre, bound_dec, _ = phase_times(model, point, with_overhead=False)

@@ -17,7 +17,8 @@ GIB = 1 << 30
 GB = 1e9
 
 PAGE_CACHE_STATES = ("bypassed", "dropped", "cached", "unknown")
-OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us", "disk_acts_step_us")
+OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us", "disk_acts_step_us",
+                  "delegated_issue_us", "delegated_job_us")
 
 
 class ProfileError(ValueError):
@@ -63,6 +64,12 @@ class HardwareProfile:
     # hidden state's disk write and the next layer's read, chained through the disk threads, beyond their bytes
     # (decode keeps those rows' states in host RAM). None: not modeled
     disk_acts_step_us: float | None = None
+    # CPU-delegated decode as the engine pipelines it (`runtime.schedule.paired_decode`), host microseconds per
+    # GPU batch: the issuing thread's per (attention, MLP) pair, and the attention thread's per job beyond its
+    # kernel (probed on a tiny offloaded model, `_Prober.delegated_batch_costs_us`). None: the cost model keeps
+    # the serial delegated model, which does not credit the pipeline
+    delegated_issue_us: float | None = None
+    delegated_job_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):

@@ -121,6 +121,10 @@ class _LP:
                     prob += x[f"{group}.{t.value}"] * shape.gpu_batch_size == seqs, f"seqs_{group}_{t.value}"
         if resident:
             prob += x["weights.gpu"] == 1, "resident_weights"
+        if model.paired_decode and "cache" not in self.fixed:
+            # the pipeline model holds only while the host attends to some sequences' cache (the same shape with
+            # all of it on the device is the cpu_attention=False shape, which the search solves too)
+            prob += x["cache.gpu"] * shape.gpu_batch_size <= shape.gpu_batch_size - 1, "paired_needs_host_cache"
         objective = []
         for phase in PHASES:
             weight = 1 if phase == "prefill" else model.decode_tokens

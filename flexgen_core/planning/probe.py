@@ -11,6 +11,7 @@ so the whole probe takes well under two minutes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -232,9 +233,9 @@ class _Prober:
         on the tiny model with one sequence per GPU batch and weights, cache and activations in host RAM:
         "issue" is the issuing thread's time per GPU batch and (attention, MLP) pair (decode time over tokens,
         pairs and batches; the embed and head steps included), "job" the attention thread's busy time per job
-        (its kernel is negligible here). Not in the cost model yet: on the H100 the issuing thread took about
-        1.1 ms per layer step and GPU batch in an offloaded OPT-30B run, against 0.17-0.52 ms probed all-resident
-        with a sync per step (benchmarks/NOTES.md, visit 10)."""
+        (its kernel is negligible here). The profile's `delegated_issue_us` and `delegated_job_us`; on the H100
+        they predict OPT-30B 3x33 delegated (the host's cost per GPU batch dominates) at 23.2 tok/s, measured
+        23.8 (benchmarks/NOTES.md, visit 11)."""
         policy = Policy(1, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
         with self._tiny_engine(policy) as engine:
             prompts = [[5, 6, 7, 8]] * policy.block_size
@@ -259,7 +260,7 @@ def measure_step_overheads(device: str | torch.device, offload_dir: str | Path) 
 
 
 def measure_delegated_batch_costs(device: str | torch.device, offload_dir: str | Path) -> dict[str, float]:
-    """`_Prober.delegated_batch_costs_us` (diagnostic, not a profile field yet)."""
+    """Only `delegated_issue_us` and `delegated_job_us` of `measure` (`_Prober.delegated_batch_costs_us`)."""
     return _Prober(torch.device(device), Path(offload_dir), quick=False).delegated_batch_costs_us()
 
 
@@ -295,6 +296,10 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
             ("attn_step_overhead_us", p.attn_step_overhead_us),
             ("disk_acts_step_us", p.disk_acts_step_us),
         ]
+        if p.cuda:  # the cost model credits CPU-delegated decode's pipeline on CUDA only
+            delegated = functools.cache(p.delegated_batch_costs_us)
+            steps += [("delegated_issue_us", lambda: delegated()["issue"]),
+                      ("delegated_job_us", lambda: delegated()["job"])]
         for key, fn in steps:
             start = time.perf_counter()
             results[key] = float(fn())
