@@ -173,6 +173,13 @@ SUITES: dict[str, list[str]] = {
         f"--model opt-6.7b --dummy {W} {T4_LIKE} --gpu-batch-size 64 --num-gpu-batches 2 --weights 0.5,0.5,0 "
         "--cache 0,1,0 --acts 0,1,0 --cpu-attention --profile {profile}",
     ],
+    # the fitted per-batch costs (issue 2680, job 830, chain latency 2800 us) and the search's margin on them:
+    # target 1's auto run (24x4 expected), and the middle of the near-equal family (16x6, nominally ahead)
+    "visit11b": [
+        f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+        f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 6 --weights 0.2087,0.7913,0 "
+        "--cache 0,1,0 --acts 0.3125,0.6875,0 --cpu-attention --profile {profile}",
+    ],
     "visit9e": [
         *[f"env:PYTHONSAFEPATH=1 env:PYTHONPATH=/tmp/site:ab_old {AB_32X3}", AB_32X3] * 2,
     ],

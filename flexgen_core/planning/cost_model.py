@@ -60,11 +60,15 @@ class LayerTerms:
     # `thread_overhead_s`) work side by side
     pipelined: bool = False
     thread_overhead_s: float = 0.0  # the attention thread's host cost beyond its kernels, all batches
+    chain_latency_s: float = 0.0  # from issuing a batch's attention to its host job's start, all batches
 
     def bounds(self, overlap: bool) -> list[Linear]:
         """Lower bounds on the step's time; the step time is their maximum."""
         if self.pipelined:
-            compute = [self.device, Linear(self.overhead_s), self.cpu + self.thread_overhead_s]
+            compute = [self.device, Linear(self.overhead_s), self.cpu + self.thread_overhead_s,
+                       # a GPU batch's host job starts `latency` after its attention is issued, and its MLP is
+                       # issued after the job: each chain spans two batches' issue (runtime.schedule.paired_decode)
+                       (self.cpu + self.thread_overhead_s + self.overhead_s + self.chain_latency_s) / 2]
         elif self.serial_host:
             compute = [self.device + self.cpu + self.overhead_s]
         else:  # device kernels run while the host issues the next ones
@@ -196,10 +200,11 @@ class CostModel:
         assert prof.delegated_issue_us is not None and prof.delegated_job_us is not None
         issue = k * prof.delegated_issue_us * 1e-6 * self.cache_segments
         job = k * prof.delegated_job_us * 1e-6
+        latency = k * (prof.delegated_latency_us or 0.0) * 1e-6
         # disk reads are waited for on the attention thread's side of the pair (see `_terms`)
         return LayerTerms(h2d, attn.d2h + mlp.d2h, disk_read, attn.disk_write + mlp.disk_write,
                           attn.device + mlp.device, attn.cpu + disk_read, issue, serial_host=False,
-                          shared_host=shared, pipelined=True, thread_overhead_s=job)
+                          shared_host=shared, pipelined=True, thread_overhead_s=job, chain_latency_s=latency)
 
     def _terms(self, phase: str, kind: LayerKind) -> LayerTerms:
         p, prof, b, k, h = self.policy, self.profile, self.b, self.k, self.h
@@ -438,7 +443,7 @@ def phase_times(model: CostModel, point: dict[str, float], with_overhead: bool =
         for kind in KINDS:
             terms = model.terms(phase, kind)
             if not with_overhead:
-                terms = replace(terms, overhead_s=0.0, thread_overhead_s=0.0)
+                terms = replace(terms, overhead_s=0.0, thread_overhead_s=0.0, chain_latency_s=0.0)
             step = max(b.value(point) for b in terms.bounds(overlap))
             per_kind[kind.value] = {
                 "h2d": terms.h2d.value(point), "d2h": terms.d2h.value(point),

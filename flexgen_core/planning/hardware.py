@@ -18,7 +18,7 @@ GB = 1e9
 
 PAGE_CACHE_STATES = ("bypassed", "dropped", "cached", "unknown")
 OPTIONAL_RATES = ("host_memory_shared_gbps", "device_elementwise_gbps", "attn_step_overhead_us", "disk_acts_step_us",
-                  "delegated_issue_us", "delegated_job_us")
+                  "delegated_issue_us", "delegated_job_us", "delegated_latency_us")
 
 
 class ProfileError(ValueError):
@@ -70,6 +70,9 @@ class HardwareProfile:
     # the serial delegated model, which does not credit the pipeline
     delegated_issue_us: float | None = None
     delegated_job_us: float | None = None
+    # from issuing a GPU batch's attention to its host job's start (the device's q/k/v, their copy, the thread's
+    # wake-up), microseconds; fitted, not probed. None: 0
+    delegated_latency_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cuda", "cpu"):

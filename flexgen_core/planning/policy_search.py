@@ -38,6 +38,12 @@ FLAG_DEFAULTS: dict[str, Any] = {"overlap": True, "cpu_attention": None, "compre
                                  "compress_cache": False, "attn_topk": 1.0, "pin_weights": True}
 MAX_TIGHTEN = 4
 FINALISTS = 12  # LP solutions realized exactly and re-ranked by the estimate
+# Finalists are ranked with the per-GPU-batch host costs of delegated decode scaled by this margin: they are
+# the model's least certain terms (two probes on the same H100 box read 1744 and 2679 us per batch and pair),
+# and where they decide the step, a pipeline of two busy host threads falls short of their maximum (OPT-30B
+# 8x12 delegated, predicted within 0.2% of 24x4, measured 41.6 tok/s against 63.1; benchmarks/NOTES.md, visit 11)
+HOST_COST_MARGIN = 1.5
+HOST_COST_FIELDS = ("delegated_issue_us", "delegated_job_us", "delegated_latency_us")
 
 
 class PolicySearchError(RuntimeError):
@@ -271,15 +277,18 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
     if not results:
         raise PolicySearchError(_infeasible_message(spec, workload, budget, db, fixed))
     # the best few LP solutions, realized exactly (snapped, tightened until the exact plan fits) and
-    # ranked by the estimate of the policy the runtime will actually run
+    # ranked by the estimate of the policy the runtime will actually run, with a margin on the uncertain host costs
     results.sort(key=lambda r: -r[0])
+    cautious = profile.with_(**{f: getattr(profile, f) * HOST_COST_MARGIN for f in HOST_COST_FIELDS
+                                if getattr(profile, f) is not None})
     finalists: list[tuple[Estimate, float]] = []
-    for lp_tput, s, point, resident in results[:FINALISTS]:
+    for _lp_tput, s, point, resident in results[:FINALISTS]:
         policy = _exact(lp, s, point, resident, budget, say)
         if policy is not None:
-            finalists.append((estimate(spec, policy, workload, profile, db), lp_tput))
+            finalists.append((estimate(spec, policy, workload, profile, db),
+                              estimate(spec, policy, workload, cautious, db).throughput_tok_s))
     if finalists:
-        finalists.sort(key=lambda f: -f[0].throughput_tok_s)
+        finalists.sort(key=lambda f: -f[1])
         ranking = [(e.policy.describe(), e.throughput_tok_s) for e, _ in finalists]
         return SearchResult(finalists[0][0].policy, finalists[0][0], lp.solver_name, lp.solves,
                             time.perf_counter() - started, ranking, budget)
