@@ -175,6 +175,12 @@ SUITES: dict[str, list[str]] = {
     ],
     # the fitted per-batch costs (issue 2680, job 830, chain latency 2800 us) and the search's margin on them:
     # target 1's auto run (24x4 expected), and the middle of the near-equal family (16x6, nominally ahead)
+    # the search's disk margin: target 2's auto run (64x4 without disk expected; 64x5 with 3% of the cache on disk
+    # before), and target 4's auto run (OPT-175B, 4-bit)
+    "visit11c": [
+        TARGET2[1],
+        f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
+    ],
     "visit11b": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 6 --weights 0.2087,0.7913,0 "

@@ -44,6 +44,20 @@ FINALISTS = 12  # LP solutions realized exactly and re-ranked by the estimate
 # 8x12 delegated, predicted within 0.2% of 24x4, measured 41.6 tok/s against 63.1; benchmarks/NOTES.md, visit 11)
 HOST_COST_MARGIN = 1.5
 HOST_COST_FIELDS = ("delegated_issue_us", "delegated_job_us", "delegated_latency_us")
+# ... and with the disk's rates scaled by this one: every H100 run with some cache or weights on disk fell
+# further short of its prediction than the same shape without (4-bit OPT-30B auto 64x5 with 3% of the cache on
+# disk: decode 56.7 s against 44.7 predicted, as if the disk read at 0.66 of its probed rate, and 138.6 tok/s
+# against 153.8 for 64x4 without disk; visits 9a, 10h)
+DISK_RATE_MARGIN = 0.6
+
+
+def cautious_profile(profile: HardwareProfile) -> HardwareProfile:
+    """`profile` with the margins above on its least certain terms (for ranking the search's finalists)."""
+    changes: dict[str, float] = {f: getattr(profile, f) * HOST_COST_MARGIN for f in HOST_COST_FIELDS
+                                 if getattr(profile, f) is not None}
+    changes.update(disk_read_gbps=profile.disk_read_gbps * DISK_RATE_MARGIN,
+                   disk_write_gbps=profile.disk_write_gbps * DISK_RATE_MARGIN)
+    return profile.with_(**changes)
 
 
 class PolicySearchError(RuntimeError):
@@ -277,10 +291,9 @@ def search_policy(spec: ModelSpec, workload: Workload, profile: HardwareProfile,
     if not results:
         raise PolicySearchError(_infeasible_message(spec, workload, budget, db, fixed))
     # the best few LP solutions, realized exactly (snapped, tightened until the exact plan fits) and
-    # ranked by the estimate of the policy the runtime will actually run, with a margin on the uncertain host costs
+    # ranked by the estimate of the policy the runtime will actually run, with margins on its least certain terms
     results.sort(key=lambda r: -r[0])
-    cautious = profile.with_(**{f: getattr(profile, f) * HOST_COST_MARGIN for f in HOST_COST_FIELDS
-                                if getattr(profile, f) is not None})
+    cautious = cautious_profile(profile)
     finalists: list[tuple[Estimate, float]] = []
     for _lp_tput, s, point, resident in results[:FINALISTS]:
         policy = _exact(lp, s, point, resident, budget, say)
