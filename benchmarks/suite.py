@@ -181,6 +181,14 @@ SUITES: dict[str, list[str]] = {
         TARGET2[1],
         f"--model opt-175b --dummy {W} --policy auto --compress-weights --compress-cache --profile {{profile}}",
     ],
+    # target 3 on this session's engine (whole GPU: 4-bit cache auto, fp16 24x1), and the host-bound small-batch
+    # decode (OPT-6.7B 8x1) now that the engine opens no profiler range per step without a profiler
+    "visit11d": [
+        f"--model opt-30b --dummy {W} --policy auto --compress-cache --profile {{profile}}",
+        f"--model opt-30b --dummy {W} --gpu-batch-size 24 --num-gpu-batches 1 --weights 1,0,0 --cache 1,0,0 "
+        "--acts 1,0,0 --profile {profile}",
+        f"--model opt-6.7b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
+    ],
     "visit11b": [
         f"--model opt-30b --dummy {W} {T4_LIKE} --policy auto --profile {{profile}}",
         f"--model opt-30b --dummy {W} {T4_LIKE} --gpu-batch-size 16 --num-gpu-batches 6 --weights 0.2087,0.7913,0 "
