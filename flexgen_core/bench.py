@@ -183,7 +183,14 @@ def shortfall(breakdown: dict[str, dict[str, dict[str, float]]], measured_s: dic
     kind = max(kinds, key=lambda k: kinds[k]["step"] * counts[k])
     terms = {t: v for t, v in kinds[kind].items() if t not in ("step", "overhead")}
     term = max(terms, key=lambda t: terms[t])
-    return (f"below {BOUND_TARGET:.0%} of the bound: {phase} took {measured_s[phase]:.2f} s against "
-            f"{predicted_s[phase]:.2f} s predicted; the model expects its {kind} steps to be limited by {term} "
-            f"({terms[term] * 1e3:.2f} ms per step, host overhead {kinds[kind]['overhead'] * 1e3:.2f} ms); "
-            f"measure the steps with --step-timing or --torch-profile")
+    overhead = kinds[kind]["overhead"]
+    head = (f"below {BOUND_TARGET:.0%} of the bound: {phase} took {measured_s[phase]:.2f} s against "
+            f"{predicted_s[phase]:.2f} s predicted; ")
+    if overhead > terms[term]:  # the bound leaves host overhead out, and here it sets the pace
+        return head + (f"the model expects its {kind} steps to be limited by host overhead ({overhead * 1e3:.2f} "
+                       f"ms per step, which the bound leaves out; the largest other term is {term}, "
+                       f"{terms[term] * 1e3:.2f} ms): fewer, larger GPU batches amortize it; measure the steps "
+                       "with --step-timing or --torch-profile")
+    return head + (f"the model expects its {kind} steps to be limited by {term} ({terms[term] * 1e3:.2f} ms per "
+                   f"step, host overhead {overhead * 1e3:.2f} ms); measure the steps with --step-timing or "
+                   "--torch-profile")

@@ -369,6 +369,10 @@ def test_bench_names_the_phase_and_term_that_fell_short() -> None:
     assert "decode took 9.00 s against 4.00 s" in text and "attn steps to be limited by h2d" in text
     text = shortfall(breakdown, {"prefill": 3.0, "decode": 4.1}, {"prefill": 0.9, "decode": 4.0}, num_layers=4)
     assert "prefill took 3.00 s" in text and "mlp steps to be limited by device" in text
+    # a host-bound step (small GPU batches on the GPU): the overhead, which the bound leaves out, is named
+    host_bound = {phase: {k: dict(v, overhead=0.05) for k, v in kinds.items()} for phase, kinds in breakdown.items()}
+    text = shortfall(host_bound, {"prefill": 1.0, "decode": 9.0}, {"prefill": 0.9, "decode": 4.0}, num_layers=4)
+    assert "limited by host overhead (50.00 ms per step" in text and "largest other term is h2d" in text
 
 
 def test_activations_on_disk_cost_prefill_steps_only() -> None:
