@@ -5,8 +5,9 @@
 Prints the per-kind decode step times and writes `--base` with `step_overhead_us` (mean of the non-attention
 kinds), `attn_step_overhead_us` and `disk_acts_step_us` (what activations on disk add to a step, measured in
 the system temp directory, where the engine's offload files go by default) replaced: the rest of a full
-`flexgen profile` is left as it was. On CUDA it also replaces `delegated_issue_us` and `delegated_job_us`, the
-per-GPU-batch host costs of CPU-delegated decode (`_Prober.delegated_batch_costs_us`).
+`flexgen profile` is left as it was. On CUDA it also prints the per-GPU-batch host costs of CPU-delegated decode
+(`_Prober.delegated_batch_costs_us`) and writes them as `delegated_issue_us` and `delegated_job_us` where `--base`
+has none: fitted values (profiles/h100.yaml's, from measured OPT-30B runs) are kept, since the probe reads low.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def main() -> None:
     if delegated is not None:
         print(f"delegated decode, per GPU batch: issuing thread {delegated['issue']:.1f} us per (attention, MLP) "
               f"pair, attention thread {delegated['job']:.1f} us per job")
-        notes += f"; delegated_issue_us {delegated['issue']:.1f}, delegated_job_us {delegated['job']:.1f}"
-        changes.update(delegated_issue_us=round(delegated["issue"], 3), delegated_job_us=round(delegated["job"], 3))
+        notes += f"; delegated decode probe: issue {delegated['issue']:.1f} us, job {delegated['job']:.1f} us"
+        for field, key in (("delegated_issue_us", "issue"), ("delegated_job_us", "job")):
+            if getattr(base, field) is None:
+                changes[field] = round(delegated[key], 3)
     out = base.with_(notes=notes, **changes)
     out.save(args.out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {getattr(out, k)} (was {getattr(base, k)})" for k in changes))

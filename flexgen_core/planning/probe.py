@@ -233,9 +233,9 @@ class _Prober:
         on the tiny model with one sequence per GPU batch and weights, cache and activations in host RAM:
         "issue" is the issuing thread's time per GPU batch and (attention, MLP) pair (decode time over tokens,
         pairs and batches; the embed and head steps included), "job" the attention thread's busy time per job
-        (its kernel is negligible here). The profile's `delegated_issue_us` and `delegated_job_us`; on the H100
-        they predict OPT-30B 3x33 delegated (the host's cost per GPU batch dominates) at 23.2 tok/s, measured
-        23.8 (benchmarks/NOTES.md, visit 11)."""
+        (its kernel is negligible here). The profile's `delegated_issue_us` and `delegated_job_us`. They read low:
+        on the H100 two probes gave 2679/637 and 1744/315 us, and OPT-30B 8x12 paid 2680/830 (benchmarks/NOTES.md,
+        visit 11), the values `profiles/h100.yaml` holds."""
         policy = Policy(1, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
         with self._tiny_engine(policy) as engine:
             prompts = [[5, 6, 7, 8]] * policy.block_size
