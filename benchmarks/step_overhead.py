@@ -6,8 +6,9 @@ Prints the per-kind decode step times and writes `--base` with `step_overhead_us
 kinds), `attn_step_overhead_us` and `disk_acts_step_us` (what activations on disk add to a step, measured in
 the system temp directory, where the engine's offload files go by default) replaced: the rest of a full
 `flexgen profile` is left as it was. On CUDA it also prints the per-GPU-batch host costs of CPU-delegated decode
-(`_Prober.delegated_batch_costs_us`) and writes them as `delegated_issue_us` and `delegated_job_us` where `--base`
-has none: fitted values (profiles/h100.yaml's, from measured OPT-30B runs) are kept, since the probe reads low.
+(`_Prober.delegated_batch_costs_us`) and writes them as `delegated_issue_us`, `delegated_job_us` and
+`delegated_latency_us` where `--base` has none: fitted values (profiles/h100.yaml's, from measured OPT-30B runs)
+are kept.
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def main() -> None:
                "disk_acts_step_us": round(disk_acts, 3)}
     if delegated is not None:
         print(f"delegated decode, per GPU batch: issuing thread {delegated['issue']:.1f} us per (attention, MLP) "
-              f"pair, attention thread {delegated['job']:.1f} us per job")
-        notes += f"; delegated decode probe: issue {delegated['issue']:.1f} us, job {delegated['job']:.1f} us"
-        for field, key in (("delegated_issue_us", "issue"), ("delegated_job_us", "job")):
+              f"pair, attention thread {delegated['job']:.1f} us per job, chain latency {delegated['latency']:.1f} us "
+              f"(the profile has {base.delegated_issue_us}, {base.delegated_job_us}, {base.delegated_latency_us})")
+        notes += (f"; delegated decode probe: issue {delegated['issue']:.1f} us, job {delegated['job']:.1f} us, "
+                  f"latency {delegated['latency']:.1f} us")
+        for field, key in (("delegated_issue_us", "issue"), ("delegated_job_us", "job"),
+                           ("delegated_latency_us", "latency")):
             if getattr(base, field) is None:
                 changes[field] = round(delegated[key], 3)
     out = base.with_(notes=notes, **changes)

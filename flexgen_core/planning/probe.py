@@ -26,6 +26,7 @@ import torch
 
 from flexgen_core.planning.hardware import GB, GIB, HardwareProfile
 from flexgen_core.policy import Policy
+from flexgen_core.spec import ModelSpec
 
 
 def _median_time(fn: Callable[[], object], sync: Callable[[], None], reps: int, warmup: int = 1) -> float:
@@ -190,20 +191,23 @@ class _Prober:
         return max(0.0, statistics.median(gains))
 
     @contextlib.contextmanager
-    def _tiny_engine(self, policy: Policy) -> Iterator[Any]:
-        """An engine over a tiny dummy model (4 blocks, hidden 64), where every step's compute is negligible."""
+    def _engine(self, spec: ModelSpec, policy: Policy) -> Iterator[Any]:
+        """An engine over a dummy-weight model of `spec`, with its offload files in the probe's directory."""
         from flexgen_core.runtime.checkpoint import Checkpoint
         from flexgen_core.runtime.engine import Engine, memory_budget
         from flexgen_core.runtime.memory import OffloadDir
-        from flexgen_core.spec import ModelSpec
 
-        spec = ModelSpec(name="probe-tiny", num_layers=4, hidden_size=64, ffn_dim=128, num_heads=2, vocab_size=128,
-                         max_positions=64, word_embed_dim=64)
-        ckpt = Checkpoint("probe-tiny", spec, None, (), "probe")
+        ckpt = Checkpoint(spec.name, spec, None, (), "probe")
         offload = OffloadDir(self.offload_dir)
         budget = memory_budget(self.device, offload, None, None)
         with Engine(ckpt, policy, self.device, self.dtype, offload, budget, dummy=True) as engine:
             yield engine
+
+    def _tiny_engine(self, policy: Policy) -> contextlib.AbstractContextManager[Any]:
+        """An engine over a tiny dummy model (4 blocks, hidden 64), where every step's compute is negligible."""
+        spec = ModelSpec(name="probe-tiny", num_layers=4, hidden_size=64, ffn_dim=128, num_heads=2, vocab_size=128,
+                         max_positions=64, word_embed_dim=64)
+        return self._engine(spec, policy)
 
     def _tiny_steps_us(self, policy: Policy, phase: str = "decode") -> dict[str, float]:
         """Microseconds per step of each layer kind of a tiny model, in `phase` ("decode" or "prefill")."""
@@ -228,23 +232,34 @@ class _Prober:
         result["other"] = sum(result[k] * counts[k] for k in others) / sum(counts[k] for k in others)
         return result
 
-    def delegated_batch_costs_us(self, batches: int = 16) -> dict[str, float]:
+    def delegated_batch_costs_us(self) -> dict[str, float]:
         """Host microseconds per GPU batch of CPU-delegated decode as the engine pipelines it (`paired_decode`),
-        on the tiny model with one sequence per GPU batch and weights, cache and activations in host RAM:
-        "issue" is the issuing thread's time per GPU batch and (attention, MLP) pair (decode time over tokens,
-        pairs and batches; the embed and head steps included), "job" the attention thread's busy time per job
-        (its kernel is negligible here). The profile's `delegated_issue_us` and `delegated_job_us`. They read low:
-        on the H100 two probes gave 2679/637 and 1744/315 us, and OPT-30B 8x12 paid 2680/830 (benchmarks/NOTES.md,
-        visit 11), the values `profiles/h100.yaml` holds."""
-        policy = Policy(1, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
-        with self._tiny_engine(policy) as engine:
-            prompts = [[5, 6, 7, 8]] * policy.block_size
-            engine.generate(prompts, 4)  # warm-up
-            engine.generate(prompts, 16)
-            stats, layers = engine.last_stats, engine.spec.num_layers
-        tokens = stats.decode_steps
-        return {"issue": stats.decode_s / (tokens * layers * batches) * 1e6,
-                "job": stats.host_attention_s.get("compute", 0.0) / (tokens * layers * batches) * 1e6}
+        the profile's `delegated_issue_us`, `delegated_job_us` and `delegated_latency_us`. Measured the way visit 11
+        fitted them on OPT-30B (benchmarks/NOTES.md): two runs of a mid-size model over the same block and cache
+        bytes, split into many small GPU batches and into two large ones, with weights, cache and activations in
+        host RAM. "issue": the main thread's busy time (decode less its waits for host results) per GPU batch and
+        (attention, MLP) pair, many-batch run; "job": the attention thread's extra compute per extra job; "latency":
+        what makes the model's chain bound, (issue + job time + latency) / 2 per batch, equal the many-batch run's
+        decode. (A tiny model with one sequence per batch read 1.5-2x below what OPT-30B paid.)"""
+        spec = ModelSpec(name="probe-mid", num_layers=4, hidden_size=1024, ffn_dim=4096, num_heads=8, vocab_size=128,
+                         max_positions=512, word_embed_dim=1024)
+        prompt, gen = (32, 4) if self.quick else (128, 8)
+        runs = {}
+        for gbs, batches in ((4, 12), (24, 2)):  # block 48 both ways
+            policy = Policy(gbs, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
+            with self._engine(spec, policy) as engine:
+                prompts = [[5 + i % 100 for i in range(prompt)]] * policy.block_size
+                engine.generate(prompts, 3)  # warm-up
+                engine.generate(prompts, gen)
+                stats = engine.last_stats
+            jobs = stats.decode_steps * spec.num_layers * batches
+            runs[batches] = (stats.decode_s, stats.host_attention_s.get("compute", 0.0),
+                             stats.host_attention_s.get("wait", 0.0), jobs)
+        decode, compute, wait, jobs = runs[12]
+        issue = (decode - wait) / jobs * 1e6
+        job = max(1.0, (compute - runs[2][1]) / (jobs - runs[2][3]) * 1e6)
+        latency = max(1.0, 2 * decode / jobs * 1e6 - issue - compute / jobs * 1e6)
+        return {"issue": max(1.0, issue), "job": job, "latency": latency}
 
     def step_overhead_us(self) -> float:
         """The profile's `step_overhead_us`: the mean host cost of a step of a layer other than attention."""
@@ -260,7 +275,7 @@ def measure_step_overheads(device: str | torch.device, offload_dir: str | Path) 
 
 
 def measure_delegated_batch_costs(device: str | torch.device, offload_dir: str | Path) -> dict[str, float]:
-    """Only `delegated_issue_us` and `delegated_job_us` of `measure` (`_Prober.delegated_batch_costs_us`)."""
+    """Only the delegated per-batch costs of `measure` (`_Prober.delegated_batch_costs_us`)."""
     return _Prober(torch.device(device), Path(offload_dir), quick=False).delegated_batch_costs_us()
 
 
@@ -299,7 +314,8 @@ def measure(name: str | None = None, device: str | torch.device | None = None, o
         if p.cuda:  # the cost model credits CPU-delegated decode's pipeline on CUDA only
             delegated = functools.cache(p.delegated_batch_costs_us)
             steps += [("delegated_issue_us", lambda: delegated()["issue"]),
-                      ("delegated_job_us", lambda: delegated()["job"])]
+                      ("delegated_job_us", lambda: delegated()["job"]),
+                      ("delegated_latency_us", lambda: delegated()["latency"])]
         for key, fn in steps:
             start = time.perf_counter()
             results[key] = float(fn())
