@@ -243,23 +243,31 @@ class _Prober:
         decode. (A tiny model with one sequence per batch read 1.5-2x below what OPT-30B paid.)"""
         spec = ModelSpec(name="probe-mid", num_layers=4, hidden_size=1024, ffn_dim=4096, num_heads=8, vocab_size=128,
                          max_positions=512, word_embed_dim=1024)
-        prompt, gen = (32, 4) if self.quick else (128, 8)
-        runs = {}
-        for gbs, batches in ((4, 12), (24, 2)):  # block 48 both ways
-            policy = Policy(gbs, batches, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)
-            with self._engine(spec, policy) as engine:
-                prompts = [[5 + i % 100 for i in range(prompt)]] * policy.block_size
+        prompt, gen, repeats = (32, 4, 1) if self.quick else (128, 16, 3)
+        shapes = {"many": Policy(4, 12, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True),
+                  "few": Policy(24, 2, weights=(0, 1, 0), cache=(0, 1, 0), acts=(0, 1, 0), cpu_attention=True)}
+        with self._engine(spec, shapes["many"]) as many, self._engine(spec, shapes["few"]) as few:
+            engines = {"many": many, "few": few}
+            prompts = [[5 + i % 100 for i in range(prompt)]] * 48  # block 48 both ways
+            for engine in engines.values():
                 engine.generate(prompts, 3)  # warm-up
-                engine.generate(prompts, gen)
-                stats = engine.last_stats
-            jobs = stats.decode_steps * spec.num_layers * batches
-            runs[batches] = (stats.decode_s, stats.host_attention_s.get("compute", 0.0),
-                             stats.host_attention_s.get("wait", 0.0), jobs)
-        decode, compute, wait, jobs = runs[12]
-        issue = (decode - wait) / jobs * 1e6
-        job = max(1.0, (compute - runs[2][1]) / (jobs - runs[2][3]) * 1e6)
-        latency = max(1.0, 2 * decode / jobs * 1e6 - issue - compute / jobs * 1e6)
-        return {"issue": max(1.0, issue), "job": job, "latency": latency}
+            estimates = []
+            for _ in range(repeats):  # alternating, the median of each: the job cost is a small difference
+                per_job = {}
+                for name, engine in engines.items():
+                    engine.generate(prompts, gen)
+                    st = engine.last_stats
+                    jobs = st.decode_steps * spec.num_layers * engine.policy.num_gpu_batches
+                    per_job[name] = (st.decode_s / jobs, st.host_attention_s.get("compute", 0.0) / jobs,
+                                     st.host_attention_s.get("wait", 0.0) / jobs, jobs)
+                step, compute, wait, jobs = per_job["many"]
+                few_compute, few_jobs = per_job["few"][1], per_job["few"][3]
+                issue = step - wait
+                # the same cache bytes over `jobs` and `few_jobs` jobs: the kernel's share cancels
+                job = (compute * jobs - few_compute * few_jobs) / (jobs - few_jobs)
+                estimates.append((issue, job, 2 * step - issue - compute))
+        issue, job, latency = (statistics.median(e[i] for e in estimates) * 1e6 for i in range(3))
+        return {"issue": max(1.0, issue), "job": max(1.0, job), "latency": max(1.0, latency)}
 
     def step_overhead_us(self) -> float:
         """The profile's `step_overhead_us`: the mean host cost of a step of a layer other than attention."""
