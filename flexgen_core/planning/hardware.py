@@ -65,13 +65,13 @@ class HardwareProfile:
     # (decode keeps those rows' states in host RAM). None: not modeled
     disk_acts_step_us: float | None = None
     # CPU-delegated decode as the engine pipelines it (`runtime.schedule.paired_decode`), host microseconds per
-    # GPU batch: the issuing thread's per (attention, MLP) pair, and the attention thread's per job beyond its
-    # kernel (probed on a tiny offloaded model, `_Prober.delegated_batch_costs_us`). None: the cost model keeps
-    # the serial delegated model, which does not credit the pipeline
+    # GPU batch: the issuing thread's per (attention, MLP) pair, the attention thread's per job beyond its kernel,
+    # and the latency from issuing a batch's attention to its host job's start (the device's q/k/v, their copy,
+    # the thread's wake-up). Probed on a mid-size offloaded model (`_Prober.delegated_batch_costs_us`) or fitted
+    # on measured runs. Without the first two the cost model keeps the serial delegated model, which does not
+    # credit the pipeline; without the latency it counts none
     delegated_issue_us: float | None = None
     delegated_job_us: float | None = None
-    # from issuing a GPU batch's attention to its host job's start (the device's q/k/v, their copy, the thread's
-    # wake-up), microseconds; fitted, not probed. None: 0
     delegated_latency_us: float | None = None
 
     def __post_init__(self) -> None:
