@@ -192,11 +192,7 @@ class CostModel:
         prof, k = self.profile, self.k
         h2d = attn.h2d + mlp.h2d
         disk_read = attn.disk_read + mlp.disk_read
-        if prof.host_memory_shared_gbps:  # see `_terms`: the pair's transfers share host RAM with the attention
-            host_bytes = attn.cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
-            shared = host_bytes / (prof.host_memory_shared_gbps * 1e9) + disk_read
-        else:
-            shared = attn.cpu + h2d + disk_read
+        shared = self._shared_host(attn.cpu, h2d, disk_read)  # the pair's transfers share host RAM with it
         assert prof.delegated_issue_us is not None and prof.delegated_job_us is not None
         issue = k * prof.delegated_issue_us * 1e-6 * self.cache_segments
         job = k * prof.delegated_job_us * 1e-6
@@ -261,13 +257,18 @@ class CostModel:
             # Disk reads are waited for by the host thread (their ticket's future) that also runs the CPU
             # attention, so they add to that thread's time: measured 28.5 tok/s for OPT-30B 32x3 delegated with
             # 2% of the weights and 3% of the cache on disk, against 47.6 for 24x4 with none (visit 7).
-            if prof.host_memory_shared_gbps:
-                host_bytes = cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
-                shared = host_bytes / (prof.host_memory_shared_gbps * 1e9) + disk_read
-            else:
-                shared = cpu + h2d + disk_read
+            shared = self._shared_host(cpu, h2d, disk_read)
         return LayerTerms(h2d, d2h, disk_read, disk_write, device, cpu, overhead,
                           serial_host=not self.cuda or delegated, shared_host=shared)
+
+    def _shared_host(self, cpu: Linear, h2d: Linear, disk_read: Linear) -> Linear:
+        """Time CPU attention and the host->device DMA take together from host RAM: their bytes over the fitted
+        shared bandwidth, or without one in series; disk reads add (the attention thread waits for them)."""
+        prof = self.profile
+        if not prof.host_memory_shared_gbps:
+            return cpu + h2d + disk_read
+        host_bytes = cpu * prof.cpu_attention_flops + h2d * prof.h2d_bytes_per_s(True)
+        return host_bytes / (prof.host_memory_shared_gbps * 1e9) + disk_read
 
     def _attention(self, prefill: bool) -> dict[str, Linear]:
         """Attention-core and KV-cache terms of one attention layer, all GPU batches."""

@@ -20,6 +20,7 @@ and only those V rows are read, from wherever V lives.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -504,11 +505,10 @@ class KVCache:
         """A host job's result on the device; its output buffer is free again once the copy has read it."""
         start = time.perf_counter()
         try:
-            if torch.autograd.profiler._is_profiler_enabled:  # --torch-profile sees the main thread only
-                with record_function("flexgen::host_attention.wait"):
-                    job.ticket.host_wait()  # re-raises the job's error
-            else:
-                job.ticket.host_wait()
+            # a named range for --torch-profile (it sees the main thread only), none without a profiler
+            with (record_function("flexgen::host_attention.wait") if torch.autograd.profiler._is_profiler_enabled
+                  else contextlib.nullcontext()):
+                job.ticket.host_wait()  # re-raises the job's error
         finally:
             self._in_flight.discard(job.key)
         self.host_seconds["wait"] += time.perf_counter() - start
